@@ -1,0 +1,1 @@
+"""Triton kernels (import name ``oodfast.kernels``), each with its launcher and pure-torch reference."""
