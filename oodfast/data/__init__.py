@@ -1,0 +1,23 @@
+"""Datasets: discovery of BDD100K / BDD10K / folder / synthdrive files and the pre-training check."""
+
+from __future__ import annotations
+
+from oodfast.data.check import BadFile, CheckReport, check_dataset
+from oodfast.data.discover import (
+    DatasetError,
+    DatasetFiles,
+    cache_dir,
+    default_file_list_path,
+    discover,
+)
+
+__all__ = [
+    "BadFile",
+    "CheckReport",
+    "DatasetError",
+    "DatasetFiles",
+    "cache_dir",
+    "check_dataset",
+    "default_file_list_path",
+    "discover",
+]
