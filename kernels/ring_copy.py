@@ -1,0 +1,144 @@
+"""ring_copy: copy the crops of flagged rows (every view) into their ring slots, in one launch.
+
+After :mod:`oodfast.kernels.rare_enqueue` has given each surviving row its ring slot (``slots[b]``,
+-1 for rows that are not enqueued), this op performs, for every view v of every group::
+
+    dst[v, slots[b]] = src[v, b]        for each b with slots[b] >= 0
+
+Views are grouped by resolution (DINO's 2 global views at 224 px, N local views at 96 px): a group is
+a pair ``src`` [V, B, *crop] and ``dst`` [V, C, *crop] of one dtype, any strides on the first two
+dimensions and a contiguous crop. Up to two groups go in one launch (grid: rows x views of both
+groups); a program whose row has no slot returns after one load, so the cost is the bytes of the
+flagged rows' crops, not of the batch. The trainer keeps ``src`` and ``dst`` as the head and tail rows
+of one persistent batch tensor per group ([V, B + C, *crop]), so the mixed batch of B + C rows
+needs no concatenation.
+
+No host synchronisation: which rows are copied is decided on the device.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+
+@triton.jit
+def _copy_row(src_ptr, dst_ptr, src_sv, src_sb, dst_sv, dst_sc, v, b, slot, E, BLOCK: tl.constexpr):
+    src = src_ptr + (tl.zeros([], tl.int64) + v) * src_sv + (tl.zeros([], tl.int64) + b) * src_sb
+    dst = dst_ptr + (tl.zeros([], tl.int64) + v) * dst_sv + (tl.zeros([], tl.int64) + slot) * dst_sc
+    for e0 in range(0, E, BLOCK):
+        offs = e0 + tl.arange(0, BLOCK)
+        m = offs < E
+        tl.store(dst + offs, tl.load(src + offs, mask=m), mask=m)
+
+
+@triton.jit
+def _ring_copy_kernel(
+    slots_ptr,
+    src0_ptr, dst0_ptr, src0_sv, src0_sb, dst0_sv, dst0_sc, V0, E0,
+    src1_ptr, dst1_ptr, src1_sv, src1_sb, dst1_sv, dst1_sc, E1,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    v = tl.program_id(1)
+    slot = tl.load(slots_ptr + b)
+    if slot >= 0:
+        if v < V0:
+            _copy_row(src0_ptr, dst0_ptr, src0_sv, src0_sb, dst0_sv, dst0_sc, v, b, slot, E0, BLOCK)
+        else:
+            _copy_row(src1_ptr, dst1_ptr, src1_sv, src1_sb, dst1_sv, dst1_sc, v - V0, b, slot, E1, BLOCK)
+
+
+# 4096 elements per iteration: 8 KiB of fp16 per program step, long enough runs for full-width
+# 128-byte transactions while a 224 x 224 x 3 crop still takes only 37 iterations.
+BLOCK = 4096
+
+
+def _check_group(i: int, src: torch.Tensor, dst: torch.Tensor, B: int, device: torch.device) -> None:
+    s, d = f"src{i}", f"dst{i}"
+    for name, t in ((s, src), (d, dst)):
+        if not isinstance(t, torch.Tensor) or t.dim() < 3:
+            raise ValueError(f"{name} must be a [V, rows, *crop] tensor, got {getattr(t, 'shape', type(t).__name__)}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but slots is on {device}")
+        if t.shape[0] and t.shape[1] and not t[0, 0].is_contiguous():
+            raise ValueError(f"{name}'s crops (dims 2..) must be contiguous; got strides {t.stride()}")
+    if src.shape[0] != dst.shape[0] or src.shape[2:] != dst.shape[2:]:
+        raise ValueError(f"{s} {list(src.shape)} and {d} {list(dst.shape)} must agree on views and crop shape")
+    if src.dtype != dst.dtype:
+        raise ValueError(f"{s} ({src.dtype}) and {d} ({dst.dtype}) must have one dtype")
+    if src.shape[1] != B:
+        raise ValueError(f"{s} must have B = {B} rows (one per slot entry), got {src.shape[1]}")
+
+
+def validate(slots: torch.Tensor, src0: torch.Tensor, dst0: torch.Tensor,
+             src1: torch.Tensor | None, dst1: torch.Tensor | None) -> None:
+    """Raise ValueError naming the first argument whose device, dtype, shape or layout is wrong."""
+    if not isinstance(slots, torch.Tensor) or slots.dim() != 1 or slots.dtype != torch.int32:
+        raise ValueError(f"slots must be an int32 [B] tensor, got {getattr(slots, 'dtype', type(slots).__name__)} "
+                         f"{list(getattr(slots, 'shape', []))}")
+    B = slots.shape[0]
+    _check_group(0, src0, dst0, B, slots.device)
+    if (src1 is None) != (dst1 is None):
+        raise ValueError("src1 and dst1 go together: pass both or neither")
+    if src1 is not None:
+        _check_group(1, src1, dst1, B, slots.device)
+
+
+def _launch(slots, src0, dst0, src1, dst1) -> None:
+    B = slots.shape[0]
+    if src1 is None:  # a second group with no views: the grid never reaches it
+        src1, dst1 = src0[:0], dst0[:0]
+    V = src0.shape[0] + src1.shape[0]
+    if B == 0 or V == 0:
+        return
+    wrap_triton(_ring_copy_kernel)[(B, V)](
+        slots,
+        src0, dst0, src0.stride(0), src0.stride(1), dst0.stride(0), dst0.stride(1), src0.shape[0], src0[0, 0].numel(),
+        src1, dst1, src1.stride(0), src1.stride(1), dst1.stride(0), dst1.stride(1), src1[0, 0].numel() if src1.shape[0] else 0,
+        BLOCK=BLOCK,
+    )
+
+
+def ring_copy_reference(slots: torch.Tensor, src0: torch.Tensor, dst0: torch.Tensor,
+                        src1: torch.Tensor | None = None, dst1: torch.Tensor | None = None) -> None:
+    """Pure-torch reference (host-synchronising: it selects the flagged rows with a boolean mask)."""
+    keep = slots >= 0
+    rows, where = keep.nonzero().squeeze(1), slots[keep].long()
+    for src, dst in ((src0, dst0), (src1, dst1)):
+        if src is not None and rows.numel():
+            dst[:, where] = src[:, rows]
+
+
+@triton_op("oodfast::ring_copy", mutates_args={"dst0", "dst1"})
+def _ring_copy_op(slots: torch.Tensor, src0: torch.Tensor, dst0: torch.Tensor,
+                  src1: torch.Tensor | None, dst1: torch.Tensor | None) -> None:
+    _launch(slots, src0, dst0, src1, dst1)
+
+
+_ring_copy_op.register_kernel("cpu")(ring_copy_reference)
+
+
+def ring_copy(slots: torch.Tensor, src0: torch.Tensor, dst0: torch.Tensor,
+              src1: torch.Tensor | None = None, dst1: torch.Tensor | None = None, *, backend: str = "auto") -> None:
+    """Copy ``src{g}[:, b]`` to ``dst{g}[:, slots[b]]`` for every ``b`` with ``slots[b] >= 0``, in place.
+
+    Args:
+        slots: int32 [B] ring slot per batch row, -1 for rows not enqueued (rare_enqueue's output).
+        src0, dst0: first group, [V0, B, *crop] and [V0, C, *crop] (e.g. the global views).
+        src1, dst1: optional second group (e.g. the local views).
+        backend: ``"auto"`` (CUDA: Triton; CPU: reference), ``"triton"`` (needs TRITON_INTERPRET=1 on
+            CPU), ``"torch"``.
+    """
+    if not torch.compiler.is_compiling():
+        validate(slots, src0, dst0, src1, dst1)
+    if backend == "auto":
+        torch.ops.oodfast.ring_copy(slots, src0, dst0, src1, dst1)
+    elif backend == "triton":
+        _launch(slots, src0, dst0, src1, dst1)
+    elif backend == "torch":
+        ring_copy_reference(slots, src0, dst0, src1, dst1)
+    else:
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")

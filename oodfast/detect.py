@@ -1,0 +1,263 @@
+"""RareDetector: calibration statistics, thresholds and the fused score -> ring enqueue.
+
+The paper embeds a calibration sample (256 or 1024 images) with a frozen encoder, takes the mean
+embedding, and flags an image as rare when its Euclidean distance to the mean exceeds a percentile of
+the calibration distances. RareDetector does that and three alternatives (``DetectorConfig.metric``):
+
+* ``euclidean``: ||x - mu|| (the paper's).
+* ``cosine``: 1 - cos(x, mu).
+* ``mahalanobis``: sqrt((x - mu)^T P (x - mu)) with P the Ledoit-Wolf shrinkage precision. The paper
+  dropped Mahalanobis as numerically unstable: with n = 256 calibration images in D = 2048 dimensions
+  the sample covariance has rank < n and no inverse (the seed fell back to pinv). Shrinking towards
+  a scaled identity (Ledoit & Wolf 2004) gives a well-conditioned P = (a S + b I)^-1, which is stored
+  in the factored form P = alpha I + V^T diag(coef) V (V: the calibration set's principal axes), so
+  scoring costs a [B, D] x [D, rank] product instead of a D x D one.
+* ``knn``: distance of the L2-normalised x to its k-th nearest calibration embedding (Sun et al.
+  2022, "Out-of-distribution detection with deep nearest neighbors"), k = 50 by default.
+
+The threshold is a 0-d device tensor set at ``percentile`` of the calibration scores (``torch.nanquantile``,
+as the seed). With ``online=True`` it then adapts on the device to hold ``target_rate`` of images
+flagged while the encoder drifts (the paper's "adaptive online thresholds"): after each batch,
+``threshold += lr * spread * (batch_rate - target_rate)``, a stochastic-approximation quantile tracker
+(Robbins-Monro) scaled by the calibration scores' inter-decile spread so ``lr`` is unitless. The
+achieved flag rate is an exponential moving average in ``flag_rate``. Nothing here synchronises with
+the host after ``fit``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from oodfast.buffer import RareRing
+from oodfast.kernels.rare_enqueue import METRICS, SCORE, rare_enqueue, rare_score
+
+log = logging.getLogger(__name__)
+
+DETECTOR_METRICS = ("euclidean", "cosine", "mahalanobis", "knn")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """How rarity is scored and thresholded. Defaults reproduce the paper (euclidean, 0.95, fixed)."""
+
+    metric: str = "euclidean"
+    percentile: float = 0.95
+    knn_k: int = 50
+    online: bool = False
+    target_rate: float | None = None  # None: 1 - percentile, the rate the calibration threshold implies
+    online_lr: float = 0.05
+    rate_momentum: float = 0.99
+
+    def __post_init__(self) -> None:
+        if self.metric not in DETECTOR_METRICS:
+            raise ValueError(f"metric must be one of {DETECTOR_METRICS}, got {self.metric!r}")
+        if not 0.0 < self.percentile < 1.0:
+            raise ValueError(f"percentile must be in (0, 1), e.g. 0.95, got {self.percentile}")
+        if self.knn_k < 1:
+            raise ValueError(f"knn_k must be >= 1, got {self.knn_k}")
+        if self.target_rate is not None and not 0.0 < self.target_rate < 1.0:
+            raise ValueError(f"target_rate must be in (0, 1), got {self.target_rate}")
+
+    @property
+    def rate(self) -> float:
+        """The flag rate the online mode holds."""
+        return 1.0 - self.percentile if self.target_rate is None else self.target_rate
+
+
+def ledoit_wolf(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Ledoit-Wolf shrinkage of the covariance of ``features`` [n, D], as a factored precision.
+
+    Shrunk covariance: (1 - s) S + s m I with S the (1/n) sample covariance, m = tr(S) / D and the
+    shrinkage s from Ledoit & Wolf (2004), computed as scikit-learn's ``ledoit_wolf_shrinkage``.
+    With S = V^T diag(lam) V (thin SVD of the centred data), its inverse is exactly
+    ``alpha I + V^T diag(coef) V`` with alpha = 1 / b, coef = -a lam / (b (a lam + b)), a = 1 - s, b = s m.
+
+    Returns:
+        (mean [D], alpha 0-d, proj V [r, D], coef [r], shrinkage s), float64.
+    """
+    x = features.double()
+    n, d = x.shape
+    mean = x.mean(0)
+    xc = x - mean
+    _, sv, vt = torch.linalg.svd(xc, full_matrices=False)
+    lam = sv ** 2 / n                                    # the non-zero eigenvalues of S
+    m = lam.sum() / d                                    # tr(S) / D
+    s_fro2 = (lam ** 2).sum()                            # ||S||_F^2
+    delta = s_fro2 / d - m ** 2                          # ||S - m I||_F^2 / D
+    beta = ((xc ** 2).sum(1) ** 2).sum() / n / n / d - s_fro2 / n / d
+    beta = torch.minimum(beta, delta)
+    shrink = float(beta / delta) if delta > 0 else 1.0
+    a, b = 1.0 - shrink, shrink * m
+    # A vanishing shrinkage (n >> D) still needs b > 0 for the factored form; 1e-6 m is far below
+    # any eigenvalue that matters and keeps P finite.
+    b = torch.clamp(b, min=1e-6 * m.clamp_min(1e-30))
+    keep = lam > lam.max() * 1e-12 if lam.numel() else lam > 0
+    lam, vt = lam[keep], vt[keep]
+    coef = -a * lam / (b * (a * lam + b))
+    return mean, 1.0 / b, vt, coef, shrink
+
+
+class RareDetector(nn.Module):
+    """Scores embeddings for rarity and feeds the flagged images into a :class:`RareRing`.
+
+    Buffers (all in ``state_dict``): ``center`` [D], ``proj`` [r, D], ``coef`` [r], ``alpha`` 0-d,
+    ``bank`` [N, D] (knn), ``threshold`` 0-d, ``spread`` 0-d, ``flag_rate`` 0-d.
+
+    Args:
+        dim: embedding size D (2048 for ResNet-50).
+        config: metric, percentile, online mode.
+    """
+
+    def __init__(self, dim: int, config: DetectorConfig | None = None, *, device: torch.device | str | None = None):
+        super().__init__()
+        self.dim = dim
+        self.config = config or DetectorConfig()
+        f32 = dict(dtype=torch.float32, device=device)
+        self.register_buffer("center", torch.zeros(dim, **f32))
+        self.register_buffer("proj", torch.zeros(0, dim, **f32))
+        self.register_buffer("coef", torch.zeros(0, **f32))
+        self.register_buffer("alpha", torch.ones((), **f32))
+        self.register_buffer("bank", torch.zeros(0, dim, **f32))
+        self.register_buffer("threshold", torch.full((), float("inf"), **f32))
+        self.register_buffer("spread", torch.ones((), **f32))
+        self.register_buffer("flag_rate", torch.full((), self.config.rate, **f32))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool, device=device))
+        self._knn_scores = torch.zeros(0, **f32)  # scratch for knn scores, reused between calls
+
+    @property
+    def metric_id(self) -> int:
+        return SCORE if self.config.metric == "knn" else METRICS[self.config.metric]
+
+    # ---- calibration -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor) -> torch.Tensor:
+        """Fit the statistics and the threshold on calibration embeddings.
+
+        Args:
+            features: [n, D] embeddings of the calibration images (any float dtype, any device).
+                Rows with non-finite values are dropped with a warning.
+
+        Returns:
+            The calibration scores [n_kept] (fp32, on the detector's device).
+
+        Raises:
+            ValueError: wrong shape, or too few finite rows for the metric.
+        """
+        if features.dim() != 2 or features.shape[1] != self.dim:
+            raise ValueError(f"features must have shape [n, {self.dim}], got {list(features.shape)}")
+        finite = torch.isfinite(features).all(1)
+        if not finite.all():
+            log.warning("fit: dropping %d calibration embeddings with non-finite values", int((~finite).sum()))
+            features = features[finite]
+        n = features.shape[0]
+        need = self.config.knn_k + 1 if self.config.metric == "knn" else 2
+        if n < need:
+            raise ValueError(f"{self.config.metric} calibration needs at least {need} finite embeddings, got {n}"
+                             + ("; lower knn_k or calibrate on more images" if self.config.metric == "knn" else ""))
+        dev = self.center.device
+        x = features.to(dev, torch.float32)
+        mean = x.double().mean(0)
+        metric = self.config.metric
+        if metric == "cosine":
+            self.center.copy_(mean / mean.norm().clamp_min(1e-12))
+        elif metric == "mahalanobis":
+            mu, alpha, proj, coef, shrink = ledoit_wolf(x)
+            log.info("mahalanobis: Ledoit-Wolf shrinkage %.3f, rank %d", shrink, proj.shape[0])
+            self.center.copy_(mu)
+            self.alpha.fill_(float(alpha))
+            self.proj = proj.to(dev, torch.float32).contiguous()
+            self.coef = coef.to(dev, torch.float32).contiguous()
+        elif metric == "knn":
+            self.bank = nn.functional.normalize(x, dim=1).contiguous()
+        else:
+            self.center.copy_(mean)
+
+        if metric == "knn":
+            # The calibration images are in the bank: each one's nearest neighbour is itself, so its
+            # score is the distance to its (k + 1)-th neighbour.
+            from oodfast.kernels.knn_score import knn_score
+
+            scores = knn_score(x, self.bank, self.config.knn_k + 1)
+        else:
+            scores = rare_score(x, self.center, self.proj, self.coef, self.alpha, self.metric_id)
+        self.threshold.fill_(float(torch.nanquantile(scores, self.config.percentile)))
+        q10, q90 = torch.nanquantile(scores, torch.tensor([0.1, 0.9], device=dev))
+        self.spread.fill_(float((q90 - q10).clamp_min(1e-6)))
+        self.flag_rate.fill_(self.config.rate)
+        self.fitted.fill_(True)
+        return scores
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # proj, coef and bank change shape with the calibration: adopt the checkpoint's shapes.
+        for name in ("proj", "coef", "bank"):
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.center.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ---- scoring and enqueueing --------------------------------------------------------------
+
+    def _check_fitted(self) -> None:
+        if not torch.compiler.is_compiling() and not bool(self.fitted):
+            raise RuntimeError("RareDetector is not calibrated: call fit(calibration_embeddings) first")
+
+    def score(self, x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rarity scores, fp32 [B], of embeddings ``x`` [B, D] or [V, B, D] (max over the V views)."""
+        self._check_fitted()
+        if self.config.metric != "knn":
+            return rare_score(x, self.center, self.proj, self.coef, self.alpha, self.metric_id, out=out)
+        from oodfast.kernels.knn_score import knn_score
+
+        per_view = [knn_score(v, self.bank, self.config.knn_k) for v in (x if x.dim() == 3 else x.unsqueeze(0))]
+        score = torch.stack(per_view).amax(0)
+        return score if out is None else out.copy_(score)
+
+    def enqueue(self, x: torch.Tensor, ring: RareRing, sample_ids: torch.Tensor, step: torch.Tensor,
+                *, scores: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score, threshold, and enqueue flagged images into ``ring``'s metadata; no host sync.
+
+        Args:
+            x: embeddings [B, D] or [V, B, D] (V views per image: flagged when any view is).
+            ring: the buffer whose metadata and state advance.
+            sample_ids: int64 [B] ids stored with each enqueued image.
+            step: 0-d int64 device tensor, stored with each enqueued image.
+            scores, slots: optional preallocated outputs (fp32 [B], int32 [B]).
+
+        Returns:
+            (scores [B], slots [B]): ``slots[b]`` is the ring slot image b was written to, or -1.
+            Pass ``slots`` to ``ring.write`` to copy the crops.
+        """
+        self._check_fitted()
+        B = x.shape[-2]
+        scores = torch.empty(B, dtype=torch.float32, device=x.device) if scores is None else scores
+        slots = torch.empty(B, dtype=torch.int32, device=x.device) if slots is None else slots
+        if self.config.metric == "knn":
+            self.score(x, out=scores)
+            x_in = scores.unsqueeze(1)
+        else:
+            x_in = x
+        rare_enqueue(x_in, self.center, self.proj, self.coef, self.alpha, self.threshold, sample_ids, step,
+                     scores, slots, ring.ring_ids, ring.ring_scores, ring.ring_steps, ring.state, ring.scratch,
+                     self.metric_id)
+        self._track_rate(scores)
+        return scores, slots
+
+    def flags(self, scores: torch.Tensor) -> torch.Tensor:
+        """bool [B]: which scores the current threshold flags (NaN never)."""
+        return scores > self.threshold  # NaN compares False
+
+    @torch.no_grad()
+    def _track_rate(self, scores: torch.Tensor) -> None:
+        finite = ~torch.isnan(scores)
+        rate = self.flags(scores).sum() / finite.sum().clamp_min(1)
+        self.flag_rate.lerp_(rate.to(self.flag_rate.dtype), 1.0 - self.config.rate_momentum)
+        if self.config.online:
+            self.threshold.add_(self.config.online_lr * self.spread * (rate - self.config.rate))
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"dim={self.dim}, metric={c.metric}, percentile={c.percentile}, online={c.online}"

@@ -1,0 +1,210 @@
+"""rare_enqueue: scores against a float64 oracle, the ring against collections.deque, Triton against torch."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import pytest
+import torch
+
+from oodfast.detect import ledoit_wolf
+from oodfast.kernels.rare_enqueue import METRICS, rare_enqueue, rare_score
+
+DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-4), (torch.float16, 1e-4)]  # (dtype, relative score tol)
+
+
+def make_stats(metric: str, D: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Fitted-looking statistics for ``metric`` in D dimensions."""
+    calib = torch.randn(max(8, min(D, 40)), D, generator=gen) * torch.linspace(0.5, 2.0, D)
+    center, alpha = calib.mean(0), torch.tensor(1.0)
+    proj, coef = torch.zeros(0, D), torch.zeros(0)
+    if metric == "cosine":
+        center = center / center.norm()
+    elif metric == "mahalanobis":
+        mu, a, v, c, _ = ledoit_wolf(calib)
+        center, alpha, proj, coef = mu.float(), a.float(), v.float().contiguous(), c.float()
+    return dict(center=center.contiguous(), proj=proj, coef=coef, alpha=alpha.reshape(()))
+
+
+def oracle_scores(x: torch.Tensor, stats: dict, metric: str) -> torch.Tensor:
+    """float64 scores, [V, B, D] -> max over views; NaN for non-finite images."""
+    x64 = x.double() if x.dim() == 3 else x.double().unsqueeze(0)
+    c = stats["center"].double()
+    if metric == "euclidean":
+        s = (x64 - c).norm(dim=-1)
+    elif metric == "cosine":
+        s = 1 - (x64 @ c) / x64.norm(dim=-1)
+    else:
+        d = x64 - c
+        P = stats["alpha"].double() * torch.eye(c.numel(), dtype=torch.float64) \
+            + stats["proj"].double().T @ torch.diag(stats["coef"].double()) @ stats["proj"].double()
+        s = torch.einsum("vbi,ij,vbj->vb", d, P, d).clamp_min(0).sqrt()
+    s = torch.where(torch.isfinite(x64).all(-1), s, float("nan"))
+    return s.amax(0)
+
+
+def threshold_flagging(scores: torch.Tensor, n: int) -> float:
+    """A threshold halfway between the n-th and (n+1)-th largest finite scores (n of them above it)."""
+    s = scores[~torch.isnan(scores)].sort(descending=True).values
+    if n == 0:
+        return float(s[0]) + 1.0
+    if n >= s.numel():
+        return float(s[-1]) - 1.0
+    return float((s[n - 1] + s[n]) / 2)
+
+
+class Ring:
+    """The ring tensors of one buffer of capacity C."""
+
+    def __init__(self, C: int) -> None:
+        self.ids = torch.full((C,), -1, dtype=torch.int64)
+        self.scores = torch.zeros(C)
+        self.steps = torch.full((C,), -1, dtype=torch.int64)
+        self.state = torch.zeros(4, dtype=torch.int64)
+        self.scratch = torch.zeros(2, dtype=torch.int32)
+
+    def fifo_ids(self) -> list[int]:
+        C, head, count = self.ids.numel(), int(self.state[0]), int(self.state[1])
+        return [int(self.ids[(head - count + k) % C]) for k in range(count)]
+
+
+def call(x, stats, metric, threshold, ids, step, ring: Ring, backend: str):
+    B = x.shape[-2]
+    scores, slots = torch.empty(B), torch.empty(B, dtype=torch.int32)
+    rare_enqueue(x, stats["center"], stats["proj"], stats["coef"], stats["alpha"], torch.tensor(threshold),
+                 ids, torch.tensor(step), scores, slots, ring.ids, ring.scores, ring.steps, ring.state, ring.scratch,
+                 METRICS[metric], backend=backend)
+    return scores, slots
+
+
+def check_against_deque(xs, stats, metric, C, n_flags, backend, dtype, tol):
+    """Run several calls into one ring and compare with deque(maxlen=C).extend of the flagged ids."""
+    ring, dq = Ring(C), deque(maxlen=C)
+    nonfinite = enqueued = 0
+    for call_no, (x, n) in enumerate(zip(xs, n_flags)):
+        x = x.to(dtype)
+        B = x.shape[-2]
+        expected = oracle_scores(x, stats, metric)
+        thr = threshold_flagging(expected, n)
+        ids = torch.arange(B) + 1000 * call_no
+        scores, slots = call(x, stats, metric, thr, ids, call_no, ring, backend)
+
+        finite = ~torch.isnan(expected)
+        assert torch.equal(torch.isnan(scores), ~finite), "NaN scores must mark exactly the non-finite images"
+        torch.testing.assert_close(scores[finite].double(), expected[finite], rtol=tol, atol=tol)
+        flagged = finite & (expected > thr)
+        near = (expected - thr).abs() <= 10 * tol * max(1.0, abs(thr))
+        got = ~torch.isnan(scores) & (scores > thr)
+        bad = (got != flagged) & ~near
+        assert not bad.any(), f"flags differ away from the threshold at rows {bad.nonzero().flatten()[:5].tolist()}"
+        flagged = got  # near-threshold rows follow the kernel's own decision
+
+        dq.extend(ids[flagged].tolist())
+        nonfinite += int((~finite).sum())
+        survivors = ids[slots >= 0].tolist()
+        assert survivors == ids[flagged].tolist()[-C:], "survivors must be the last C flagged rows, in row order"
+        assert ring.fifo_ids() == list(dq)
+        enqueued += int(flagged.sum())
+        assert int(ring.state[2]) == enqueued
+        if survivors:
+            assert torch.equal(ring.ids[slots[slots >= 0].long()], ids[slots >= 0])
+            assert (ring.steps[slots[slots >= 0].long()] == call_no).all()
+    assert int(ring.state[3]) == nonfinite
+    assert torch.equal(ring.scratch, torch.zeros(2, dtype=torch.int32)), "scratch counters must be reset"
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine", "mahalanobis"])
+@pytest.mark.parametrize("dtype, tol", DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("B, D", [(1, 1), (7, 3), (64, 127), (1000, 2048), (1000, 3)])
+@pytest.mark.parametrize("C", [1, 32])
+def test_reference_matches_oracle_and_deque(metric, dtype, tol, B, D, C):
+    if metric == "cosine" and D == 1:
+        pytest.skip("cosine is constant in one dimension")
+    gen = torch.Generator().manual_seed(B * 7919 + D * 31 + C)
+    stats = make_stats(metric, D, gen)
+    xs = [torch.randn(B, D, generator=gen) * 1.5 for _ in range(5)]
+    if B > 3:  # NaN and inf rows are never enqueued
+        xs[1][2, 0] = float("nan")
+        xs[3][1, -1] = float("inf")
+    # 0 flagged, fewer than C, exactly C, more than C (wrap-arounds), all
+    n_flags = [0, min(B, max(1, C // 2)), min(B, C), min(B, C + 5), B]
+    check_against_deque(xs, stats, metric, C, n_flags, "torch", dtype, tol)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine", "mahalanobis"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 1e-4)], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B, D, C", [(1, 3, 1), (7, 3, 32), (64, 127, 32), (101, 130, 1), (300, 2048, 32)])
+def test_triton_kernel_matches_deque(metric, dtype, tol, B, D, C):
+    """The Triton kernel itself (interpreted on CPU): scores, flags, slots and the ring."""
+    gen = torch.Generator().manual_seed(B + D + C)
+    stats = make_stats(metric, D, gen)
+    xs = [torch.randn(B, D, generator=gen) for _ in range(4)]
+    if B > 3:
+        xs[0][1, 1] = float("nan")
+        xs[2][0, 0] = float("-inf")
+    n_flags = [0, min(B, C), min(B, C + 3), B]
+    check_against_deque(xs, stats, metric, C, n_flags, "triton", dtype, tol)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_views_flag_an_image_when_any_view_is_rare(backend):
+    gen = torch.Generator().manual_seed(0)
+    stats = make_stats("euclidean", 16, gen)
+    x = stats["center"].expand(2, 9, 16).clone()  # every view at the mean: score 0
+    x[0, 3] += 5.0   # image 3 rare in view 0
+    x[1, 6] += 5.0   # image 6 rare in view 1
+    x[1, 8, 0] = float("nan")  # image 8: one broken view -> never enqueued
+    x[0, 8] += 5.0
+    ring = Ring(4)
+    scores, slots = call(x, stats, "euclidean", 1.0, torch.arange(9), 0, ring, backend)
+    assert (slots >= 0).nonzero().flatten().tolist() == [3, 6]
+    assert torch.isnan(scores[8]) and int(ring.state[3]) == 1
+    torch.testing.assert_close(scores[[3, 6]], torch.tensor([5.0, 5.0]) * 4)  # ||5 * ones(16)|| = 20
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_precomputed_scores(backend):
+    scores_in = torch.tensor([0.1, 3.0, float("nan"), 2.5, -1.0, 9.0]).unsqueeze(1)
+    ring = Ring(2)
+    zeros = dict(center=torch.zeros(1), proj=torch.zeros(0, 1), coef=torch.zeros(0), alpha=torch.tensor(1.0))
+    scores, slots = call(scores_in, zeros, "score", 2.0, torch.arange(6), 3, ring, backend)
+    assert slots.tolist() == [-1, -1, -1, 1, -1, 0]  # 3 flagged (ranks 0, 1, 2): the last 2 survive
+    assert ring.fifo_ids() == [3, 5] and int(ring.state[3]) == 1
+
+
+def test_rare_score_matches_oracle():
+    gen = torch.Generator().manual_seed(5)
+    for metric in ("euclidean", "cosine", "mahalanobis"):
+        stats = make_stats(metric, 33, gen)
+        x = torch.randn(2, 20, 33, generator=gen)
+        for backend in ("torch", "triton"):
+            got = rare_score(x, stats["center"], stats["proj"], stats["coef"], stats["alpha"], METRICS[metric],
+                             backend=backend)
+            torch.testing.assert_close(got.double(), oracle_scores(x, stats, metric), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(x=torch.zeros(4)), "x must be a"),
+        (dict(x=torch.zeros(4, 8, dtype=torch.int32)), "x must be float32"),
+        (dict(x=torch.zeros(8, 4).T), "contiguous in D"),
+        (dict(center=torch.zeros(7)), "center must have shape"),
+        (dict(threshold=torch.zeros(1)), "threshold must have shape"),
+        (dict(sample_ids=torch.zeros(4, dtype=torch.int32)), "sample_ids must have dtype"),
+        (dict(slots=torch.zeros(4, dtype=torch.int64)), "slots must have dtype"),
+        (dict(ring_ids=torch.zeros(0, dtype=torch.int64)), "ring_ids must have shape"),
+        (dict(state=torch.zeros(3, dtype=torch.int64)), "state must have shape"),
+        (dict(metric=9), "metric must be one of"),
+    ],
+)
+def test_bad_arguments_name_themselves(change, match):
+    args = dict(x=torch.zeros(4, 8), center=torch.zeros(8), proj=torch.zeros(0, 8), coef=torch.zeros(0),
+                alpha=torch.tensor(1.0), threshold=torch.tensor(0.0), sample_ids=torch.zeros(4, dtype=torch.int64),
+                step=torch.tensor(0), scores=torch.zeros(4), slots=torch.zeros(4, dtype=torch.int32),
+                ring_ids=torch.zeros(2, dtype=torch.int64), ring_scores=torch.zeros(2),
+                ring_steps=torch.zeros(2, dtype=torch.int64), state=torch.zeros(4, dtype=torch.int64),
+                scratch=torch.zeros(2, dtype=torch.int32), metric=0)
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        rare_enqueue(**args)
