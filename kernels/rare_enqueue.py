@@ -47,7 +47,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
+
+from oodfast.kernels._op import kernel_op
 
 METRICS: dict[str, int] = {"euclidean": 0, "cosine": 1, "mahalanobis": 2, "score": 3}
 EUCLIDEAN, COSINE, MAHALANOBIS, SCORE = 0, 1, 2, 3
@@ -314,7 +316,7 @@ def rare_enqueue_reference(x, center, proj, coef, alpha, threshold, sample_ids, 
 # The custom op (CUDA: the Triton kernel, visible to torch.compile; CPU: the reference) and entry points
 # ------------------------------------------------------------------------------------------------
 
-@triton_op("oodfast::rare_enqueue", mutates_args={"scores", "slots", "ring_ids", "ring_scores", "ring_steps",
+@kernel_op("oodfast::rare_enqueue", mutates_args={"scores", "slots", "ring_ids", "ring_scores", "ring_steps",
                                                   "state", "scratch"})
 def _rare_enqueue_op(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor, coef: torch.Tensor,
                      alpha: torch.Tensor, threshold: torch.Tensor, sample_ids: torch.Tensor, step: torch.Tensor,
@@ -325,6 +327,13 @@ def _rare_enqueue_op(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor, 
 
 
 _rare_enqueue_op.register_kernel("cpu")(rare_enqueue_reference)
+
+
+@_rare_enqueue_op.register_fake
+def _(*args) -> None:
+    # Mutation only, no outputs: nothing to propagate. Explicit, because tracing the launcher for a
+    # fake kernel would run Triton's interpreter on fake tensors when TRITON_INTERPRET=1.
+    return None
 
 
 def rare_enqueue(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor, coef: torch.Tensor,
@@ -363,10 +372,13 @@ def _launch_score(x, center, proj, coef, alpha, scores, metric: int) -> None:
     _launch(x, center, proj, coef, alpha, alpha, p, p, scores, scores, p, scores, p, p, p, metric, has_ring=False)
 
 
-@triton_op("oodfast::rare_score", mutates_args={"scores"})
+@kernel_op("oodfast::rare_score", mutates_args={"scores"})
 def _rare_score_op(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor, coef: torch.Tensor,
                    alpha: torch.Tensor, scores: torch.Tensor, metric: int) -> None:
     _launch_score(x, center, proj, coef, alpha, scores, metric)
+
+
+_rare_score_op.register_fake(lambda *args: None)  # mutation only (see rare_enqueue's fake)
 
 
 @_rare_score_op.register_kernel("cpu")

@@ -21,7 +21,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
+
+from oodfast.kernels._op import kernel_op
 
 
 @triton.jit
@@ -112,13 +114,15 @@ def ring_copy_reference(slots: torch.Tensor, src0: torch.Tensor, dst0: torch.Ten
             dst[:, where] = src[:, rows]
 
 
-@triton_op("oodfast::ring_copy", mutates_args={"dst0", "dst1"})
+@kernel_op("oodfast::ring_copy", mutates_args={"dst0", "dst1"})
 def _ring_copy_op(slots: torch.Tensor, src0: torch.Tensor, dst0: torch.Tensor,
                   src1: torch.Tensor | None, dst1: torch.Tensor | None) -> None:
     _launch(slots, src0, dst0, src1, dst1)
 
 
 _ring_copy_op.register_kernel("cpu")(ring_copy_reference)
+# Mutation only, no outputs; explicit so tracing never runs Triton's interpreter on fake tensors.
+_ring_copy_op.register_fake(lambda *args: None)
 
 
 def ring_copy(slots: torch.Tensor, src0: torch.Tensor, dst0: torch.Tensor,

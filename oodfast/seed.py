@@ -32,6 +32,15 @@ from torch import nn
 from torchvision.transforms import functional as TF
 
 
+def _euclidean(row: torch.Tensor, mean: torch.Tensor) -> float:
+    """The seed's per-row ``distance.euclidean(row.cpu().flatten(), mean.cpu().flatten())``. Recent
+    scipy refuses non-finite input where the seed's returned NaN, so NaN is returned here directly."""
+    a, b = row.cpu().flatten(), mean.cpu().flatten()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("nan")
+    return distance.euclidean(a, b)
+
+
 class SeedOODDetector:
     """The seed's ``OODDetector`` with an explicit encoder (a module mapping [N, 3, H, W] to a feature
     map [N, C, h, w] or to embeddings [N, C])."""
@@ -55,7 +64,7 @@ class SeedOODDetector:
         feats = [self._embed(self._resize(im).to(self.device).unsqueeze(0)).squeeze(0) for im in sampled_dataset]
         features = torch.stack(feats)
         self.mean_vector = features.mean(dim=0, keepdim=True)
-        dists = [distance.euclidean(row.cpu().flatten(), self.mean_vector.cpu().flatten()) for row in features]
+        dists = [_euclidean(row, self.mean_vector) for row in features]
         self.threshold_value = torch.nanquantile(torch.Tensor(dists), self.threshold).item()
 
     @torch.no_grad()
@@ -63,7 +72,7 @@ class SeedOODDetector:
         interleaved = [images[j][i] for i in range(len(images[0])) for j in (0, 1)]
         batch = torch.stack([self._resize(im).to(self.device) for im in interleaved])
         features = self._embed(batch)
-        dists = [distance.euclidean(row.cpu().flatten(), self.mean_vector.cpu().flatten()) for row in features]
+        dists = [_euclidean(row, self.mean_vector) for row in features]
         dist_tensor = torch.nan_to_num(torch.Tensor(dists), nan=1e6)
         rare = (dist_tensor > self.threshold_value).nonzero(as_tuple=True)[0]
         return torch.unique(rare // 2)

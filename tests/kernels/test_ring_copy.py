@@ -1,0 +1,67 @@
+"""ring_copy: the Triton kernel (interpreted on CPU) and the reference copy exactly the flagged rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oodfast.kernels.ring_copy import ring_copy
+
+
+def batch(V: int, rows: int, crop: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    return (torch.randn(V, rows, *crop, generator=gen) * 10).to(dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B, C", [(1, 1), (7, 4), (33, 32)])
+def test_two_groups_in_tail_layout(backend, dtype, B, C):
+    gen = torch.Generator().manual_seed(B * 100 + C)
+    g = batch(2, B + C, (3, 9, 7), dtype, gen)     # [V, B + C, ...]: batch rows then ring rows
+    loc = batch(6, B + C, (3, 4, 5), dtype, gen)
+    perm = torch.randperm(B, generator=gen)
+    slots = torch.full((B,), -1, dtype=torch.int32)
+    n = min(B, C) - (1 if B > 2 else 0)
+    slots[perm[:n]] = torch.randperm(C, generator=gen)[:n].to(torch.int32)
+    g0, l0 = g.clone(), loc.clone()
+    ring_copy(slots, g[:, :B], g[:, B:], loc[:, :B], loc[:, B:], backend=backend)
+
+    expected_g, expected_l = g0.clone(), l0.clone()
+    for b in range(B):
+        if slots[b] >= 0:
+            expected_g[:, B + slots[b]] = g0[:, b]
+            expected_l[:, B + slots[b]] = l0[:, b]
+    assert torch.equal(g, expected_g) and torch.equal(loc, expected_l)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_single_group_and_separate_tensors(backend):
+    gen = torch.Generator().manual_seed(1)
+    src, dst = batch(1, 5, (3, 2, 2), torch.float32, gen), torch.zeros(1, 3, 3, 2, 2)
+    slots = torch.tensor([-1, 2, -1, 0, -1], dtype=torch.int32)
+    ring_copy(slots, src, dst, backend=backend)
+    assert torch.equal(dst[0, 2], src[0, 1]) and torch.equal(dst[0, 0], src[0, 3])
+    assert torch.equal(dst[0, 1], torch.zeros(3, 2, 2))
+
+
+def test_no_flagged_row_copies_nothing():
+    src, dst = torch.ones(2, 4, 3), torch.zeros(2, 2, 3)
+    ring_copy(torch.full((4,), -1, dtype=torch.int32), src, dst, backend="triton")
+    assert not dst.any()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(slots=torch.zeros(4, dtype=torch.int64)), "slots must be an int32"),
+        (dict(src0=torch.zeros(2, 3, 3)), "src0 must have B = 4 rows"),
+        (dict(dst0=torch.zeros(2, 2, 4)), "must agree on views and crop shape"),
+        (dict(dst0=torch.zeros(2, 2, 3, dtype=torch.float16)), "must have one dtype"),
+        (dict(src1=torch.zeros(1, 4, 3)), "src1 and dst1 go together"),
+    ],
+)
+def test_bad_arguments_name_themselves(kwargs, match):
+    args = dict(slots=torch.zeros(4, dtype=torch.int32), src0=torch.zeros(2, 4, 3), dst0=torch.zeros(2, 2, 3))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        ring_copy(**args)
