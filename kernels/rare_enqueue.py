@@ -11,7 +11,7 @@ statistics, every row gets a score (higher = rarer)::
                   has exactly this form with V the calibration set's principal axes (rank <= n).
     score         s = x[:, 0]                                     (precomputed, e.g. by knn_score)
 
-A row is flagged when its score is not NaN and ``s > threshold`` (strict, as the seed's ``dist > thr``);
+A row is flagged when its score is finite and ``s > threshold`` (strict, as the seed's ``dist > thr``);
 ``threshold`` is a 0-d device tensor, so it can move online without recompiling anything. Rows with
 any non-finite element score NaN, are never flagged, and are counted in ``state[3]`` (as are rows
 whose score is NaN for another reason, e.g. an all-zero row under cosine).
@@ -130,7 +130,8 @@ def _rare_enqueue_kernel(
                         METRIC, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_R)
         nan_views += (s != s).to(tl.int32)
         score = tl.maximum(score, tl.where(s == s, s, float("-inf")))
-    score = tl.where(nan_views == 0, score, float("nan"))  # any non-finite view: NaN, never flagged
+    # Any non-finite view, or a score that overflowed: NaN, never flagged.
+    score = tl.where((nan_views == 0) & (score < float("inf")), score, float("nan"))
     finite = score == score
     flag = finite & (score > tl.load(threshold_ptr)) & row_ok
     tl.store(scores_ptr + rows, score, mask=row_ok)
@@ -273,7 +274,7 @@ def rare_score_reference(x: torch.Tensor, center: torch.Tensor, proj: torch.Tens
                          alpha: torch.Tensor, metric: int) -> torch.Tensor:
     """Scores [B] fp32 of ``x`` [B, D] or [V, B, D] (the max over views; see the module docstring).
 
-    NaN for an image with a non-finite element in any view.
+    NaN for an image with a non-finite element in any view (or a score that overflows fp32).
     """
     if x.dim() == 3:
         return torch.stack([rare_score_reference(xv, center, proj, coef, alpha, metric) for xv in x]).amax(0)
@@ -287,7 +288,8 @@ def rare_score_reference(x: torch.Tensor, center: torch.Tensor, proj: torch.Tens
     else:
         d = x - center
         score = (alpha * (d * d).sum(1) + ((d @ proj.T) ** 2 * coef).sum(1)).clamp_min(0).sqrt()
-    return torch.where(torch.isfinite(x).all(dim=1), score, float("nan"))
+    # A non-finite element makes the score NaN or inf (as does overflow): one check on [B], not on [B, D].
+    return torch.where(torch.isfinite(score), score, float("nan"))
 
 
 def rare_enqueue_reference(x, center, proj, coef, alpha, threshold, sample_ids, step, scores, slots,
