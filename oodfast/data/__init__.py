@@ -21,3 +21,14 @@ __all__ = [
     "default_file_list_path",
     "discover",
 ]
+
+# Multi-crop augmentation (issue 4). Imports torch; DALI and torchvision load lazily inside the loaders.
+from oodfast.data.multicrop import (  # noqa: E402
+    MultiCropBatch,
+    MultiCropConfig,
+    MultiCropDataError,
+    ViewAug,
+    multicrop_loader,
+)
+
+__all__ += ["MultiCropBatch", "MultiCropConfig", "MultiCropDataError", "ViewAug", "multicrop_loader"]

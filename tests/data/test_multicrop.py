@@ -1,0 +1,345 @@
+"""Multi-crop augmentation (DALI CPU mode, reference, torch): shapes, crop distributions, coin-flip
+rates, boxes, determinism, sharding, small and corrupt images."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import stats
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+from oodfast.data.discover import discover
+from oodfast.data.multicrop import (
+    MultiCropConfig,
+    MultiCropDataError,
+    ViewAug,
+    epoch_plan,
+    multicrop_loader,
+    resolve_shard,
+)
+from oodfast.data.synthdrive import SynthConfig, generate
+
+pytest.importorskip("nvidia.dali")
+
+W, H = 160, 96  # source size: smaller than a 224 global crop, so every crop upsamples
+MEAN = torch.tensor(MultiCropConfig().mean).view(1, 3, 1, 1)
+STD = torch.tensor(MultiCropConfig().std).view(1, 3, 1, 1)
+# Small outputs keep the statistical tests fast; the crops (boxes) do not depend on output size.
+SMALL = MultiCropConfig(global_size=32, local_size=16)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("multicrop") / "sd"
+    generate(root, 48, seed=3, config=SynthConfig(width=W, height=H), val_fraction=0.0, workers=2)
+    return list(discover("bdd10k", root, "train", use_default_list=False).images)
+
+
+def pixels(view: torch.Tensor) -> torch.Tensor:
+    """Normalised [B, 3, h, w] -> [0, 255] float."""
+    return (view.float() * STD + MEAN) * 255.0
+
+
+def first_batch(files: list[Path], config: MultiCropConfig, batch_size: int = 8, **kw):
+    return next(iter(multicrop_loader(files, config, batch_size, device="cpu", seed=kw.pop("seed", 0), **kw)))
+
+
+def run_epoch(files: list[Path], config: MultiCropConfig, **kw):
+    kw.setdefault("batch_size", 64)
+    ld = multicrop_loader(files, config, kw.pop("batch_size"), device="cpu", seed=kw.pop("seed", 0), **kw)
+    return list(ld)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def test_views_shapes_dtypes_ranges(files: list[Path]) -> None:
+    cfg = MultiCropConfig.dino()
+    batch = first_batch(files, cfg)
+    assert len(batch.views) == 2 + 6
+    for k, v in enumerate(batch.views):
+        side = 224 if k < 2 else 96
+        assert v.shape == (8, 3, side, side) and v.dtype == torch.float32
+        assert torch.isfinite(v).all()
+        px = pixels(v)
+        assert px.min() >= -0.01 and px.max() <= 255.01
+        assert v.std() > 0.1
+    assert batch.index.dtype == torch.int64 and batch.index.shape == (8,)
+    assert batch.boxes.shape == (8, 2, 4) and batch.boxes.dtype == torch.int64
+    assert len(set(batch.index.tolist())) == 8 and batch.index.max() < len(files)
+
+
+def test_config_presets_and_validation() -> None:
+    bdd = MultiCropConfig.bdd10k()
+    assert bdd.global_scale == (0.3, 1.0) and bdd.local_scale == (0.1, 0.3) and bdd.n_local == 6
+    assert bdd.global1.jitter_p == 0 and bdd.local.blur_p == 0.5
+    assert MultiCropConfig.dino().global2.solarize_p == 0.2
+    with pytest.raises(ValueError, match="global_scale"):
+        MultiCropConfig(global_scale=(0.5, 1.2))
+    with pytest.raises(ValueError, match="flip_p"):
+        ViewAug(flip_p=1.5)
+    with pytest.raises(ValueError, match="backend"):
+        multicrop_loader([Path("x.jpg")] * 4, None, 2, device="cpu", seed=0, backend="nope")
+
+
+def test_crop_area_and_ratio_match_torchvision(files: list[Path]) -> None:
+    # 32 batches x 64 images: 4096 global and 12288 local crops (boxes straight from the loader).
+    cfg = dataclasses.replace(SMALL.without_augmentation(), n_local=3)
+    batches = run_epoch(files, cfg, epoch_length=2048, debug=True)
+    glob_boxes = torch.cat([b.boxes.reshape(-1, 4) for b in batches]).numpy()
+    loc = np.concatenate([np.stack([b.params[k][:, 2:] for k in ("x0", "y0", "x1", "y1")], -1).reshape(-1, 4)
+                          for b in batches])
+    img = Image.new("RGB", (W, H))
+    torch.manual_seed(0)
+    for boxes, scale in ((glob_boxes, cfg.global_scale), (loc, cfg.local_scale)):
+        assert len(boxes) >= 2000
+        ref = np.array([transforms.RandomResizedCrop.get_params(img, list(scale), list(cfg.ratio))
+                        for _ in range(3000)])  # (i, j, h, w)
+        w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= W).all() and (boxes[:, 3] <= H).all()
+        for ours, theirs in ((w * h / (W * H), ref[:, 3] * ref[:, 2] / (W * H)),
+                             (np.log(w / h), np.log(ref[:, 3] / ref[:, 2])),
+                             (boxes[:, 0] / W, ref[:, 1] / W)):
+            assert stats.ks_2samp(ours, theirs).pvalue > 1e-3
+
+
+ALL_OFF = SMALL.without_augmentation()
+
+
+def _only(**per_kind: ViewAug) -> MultiCropConfig:
+    return dataclasses.replace(ALL_OFF, **per_kind)
+
+
+def _observed(kind: str, out: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: did ``kind`` visibly act on ``out`` (vs the un-augmented ``base``), and could it
+    have (a solarisation of a crop with no value >= 128 changes nothing)? Two [B] bool."""
+    po, pb = pixels(out), pixels(base)
+    everywhere = torch.ones(len(out), dtype=torch.bool)
+    if kind == "flip":
+        assert ((out == base) | (out == base.flip(-1))).flatten(1).all(1).all(), "flip is not an exact mirror"
+        return ~(out == base).flatten(1).all(1), ~(base == base.flip(-1)).flatten(1).all(1)
+    if kind == "gray":
+        spread = lambda x: (x.max(1).values - x.min(1).values).flatten(1).max(1).values  # noqa: E731
+        return spread(po) < 1.5, spread(pb) > 1.5
+    if kind == "solarize":
+        solar = torch.where(pb.round() >= 128, 255 - pb.round(), pb.round())
+        hit = (po.round() - solar).abs().flatten(1).max(1).values < 0.5
+        same = (po - pb).abs().flatten(1).max(1).values < 0.5
+        assert (hit | same).all(), "solarized views are not 255 - x above 128"
+        return hit & ~same, (pb.round() >= 128).flatten(1).any(1)
+    return (po - pb).abs().flatten(1).amax(1) > 0.5, everywhere  # jitter, blur: any visible change
+
+
+@pytest.mark.parametrize("kind", ["flip", "jitter", "gray", "blur", "solarize"])
+def test_each_augmentation_applied_at_its_probability(files: list[Path], kind: str) -> None:
+    dino = MultiCropConfig.dino()
+    on = {"flip": lambda a: dataclasses.replace(a.off(), flip_p=a.flip_p),
+          "jitter": lambda a: dataclasses.replace(a.off(), jitter_p=a.jitter_p),
+          "gray": lambda a: dataclasses.replace(a.off(), grayscale_p=a.grayscale_p),
+          # sigma >= 1 makes every blur visible (sigma 0.1 leaves a 32 px crop unchanged)
+          "blur": lambda a: dataclasses.replace(a.off(), blur_p=a.blur_p, blur_sigma=(1.0, 2.0)),
+          "solarize": lambda a: dataclasses.replace(a.off(), solarize_p=a.solarize_p)}[kind]
+    cfg = _only(global1=on(dino.global1), global2=on(dino.global2), local=on(dino.local))
+    base = run_epoch(files, ALL_OFF, epoch_length=512)
+    test = run_epoch(files, cfg, epoch_length=512, debug=True)
+    flag = {"flip": "flip", "jitter": "jitter", "gray": "gray", "blur": "blur", "solarize": "solarize"}[kind]
+    for v, (name, aug, _, _) in enumerate(cfg.view_kinds()):
+        p = {"flip": aug.flip_p, "jitter": aug.jitter_p, "gray": aug.grayscale_p, "blur": aug.blur_p,
+             "solarize": aug.solarize_p}[kind]
+        seen, can = (torch.cat(x) for x in zip(*(_observed(kind, t.views[v], b.views[v])
+                                                  for t, b in zip(test, base))))
+        drawn = torch.cat([torch.from_numpy(t.params[flag][:, v] > 0.5) for t in test])
+        assert can.float().mean() > 0.8, f"{kind} on {name}: too few observable images"
+        seen, drawn = seen[can], drawn[can]
+        assert torch.equal(seen, drawn), f"{kind} on {name}: effect seen != decision drawn"
+        n = len(seen)
+        sigma = max((p * (1 - p) / n) ** 0.5, 1e-9)
+        assert abs(seen.float().mean().item() - p) <= 3 * sigma + 1e-9, f"{kind} on {name}: rate {seen.float().mean():.3f} vs p={p}"
+
+
+def test_views_of_one_image_differ(files: list[Path]) -> None:
+    batch = first_batch(files, SMALL)
+    g1, g2 = batch.views[0], batch.views[1]
+    assert ((g1 - g2).abs().flatten(1).mean(1) > 0.05).all()
+    locs = torch.stack(batch.views[2:], 1)  # [B, 6, 3, h, w]
+    diff = (locs[:, :, None] - locs[:, None]).abs().flatten(3).mean(3)  # [B, 6, 6]
+    assert (diff + torch.eye(6) > 0.02).all()
+
+
+def test_same_seed_same_output_and_epochs_reshuffle(files: list[Path]) -> None:
+    a = run_epoch(files, SMALL, batch_size=16, seed=7)
+    b = run_epoch(files, SMALL, batch_size=16, seed=7)
+    c = run_epoch(files, SMALL, batch_size=16, seed=8)
+    for x, y in zip(a, b):
+        assert torch.equal(x.index, y.index) and torch.equal(x.boxes, y.boxes)
+        assert all(torch.equal(u, v) for u, v in zip(x.views, y.views))
+    assert not torch.equal(a[0].index, c[0].index)
+    ld = multicrop_loader(files, SMALL, 16, device="cpu", seed=7)
+    e0 = torch.cat([x.index for x in ld])
+    e1 = torch.cat([x.index for x in ld])
+    assert not torch.equal(e0, e1) and sorted(e0.tolist()) == sorted(e1.tolist())
+    ld.set_epoch(0)
+    assert torch.equal(torch.cat([x.index for x in ld]), e0)
+
+
+def _pil_crop(path: Path, box: list[int], size: int) -> torch.Tensor:
+    with Image.open(path) as im:
+        crop = im.convert("RGB").resize((size, size), Image.BICUBIC, box=tuple(box))
+    return torch.from_numpy(np.array(crop)).permute(2, 0, 1).float()
+
+
+@pytest.mark.parametrize("backend", ["dali", "reference", "torch"])
+def test_boxes_lie_inside_and_match_the_crop(files: list[Path], backend: str) -> None:
+    cfg = dataclasses.replace(MultiCropConfig.dino(), global_size=48, n_local=1).without_augmentation()
+    kw = {"num_workers": 0} if backend == "reference" else {}
+    batch = first_batch(files, cfg, backend=backend, **kw)
+    for b in range(8):
+        path = files[int(batch.index[b])]
+        for v in range(2):
+            x0, y0, x1, y1 = batch.boxes[b, v].tolist()
+            assert 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H
+            out = pixels(batch.views[v][b: b + 1])[0]
+            err = (out - _pil_crop(path, [x0, y0, x1, y1], 48)).abs().mean()
+            shifted = [x0 + 7, y0, x1 + 7, y1] if x1 + 7 <= W else [x0 - 7, y0, x1 - 7, y1]
+            wrong = (out - _pil_crop(path, shifted, 48)).abs().mean()
+            tol = 0.6 if backend == "reference" else 4.0  # the reference is PIL itself
+            assert err < tol and wrong > err + 1.0, f"{backend}: box {b}/{v} err {err:.2f} vs shifted {wrong:.2f}"
+
+
+def test_torch_backend_shares_the_decisions(files: list[Path]) -> None:
+    d = first_batch(files, SMALL, debug=True)
+    t = first_batch(files, SMALL, backend="torch", debug=True)
+    assert torch.equal(d.index, t.index) and torch.equal(d.boxes, t.boxes)
+    assert all(np.array_equal(d.params[k], t.params[k]) for k in d.params)
+    assert [v.shape for v in d.views] == [v.shape for v in t.views]
+
+
+def test_reference_backend_in_workers(files: list[Path]) -> None:
+    ld = multicrop_loader(files, SMALL, 8, device="cpu", seed=1, backend="reference", num_workers=2)
+    batches = list(ld)
+    assert len(batches) == len(ld) == 6
+    assert sorted(torch.cat([b.index for b in batches]).tolist()) == list(range(48))
+    assert all(len(b.views) == 8 and b.views[2].shape == (8, 3, 16, 16) for b in batches)
+    again = list(multicrop_loader(files, SMALL, 8, device="cpu", seed=1, backend="reference", num_workers=2))
+    assert torch.equal(batches[0].views[0], again[0].views[0])  # seeded workers: reproducible
+
+
+def test_sharded_iterators_cover_the_epoch_once(files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    for shard in range(3):
+        ld = multicrop_loader(files, SMALL, 4, device="cpu", seed=2, shard_id=shard, num_shards=3)
+        assert len(ld) == 48 // 12
+        idx = torch.cat([b.index for b in ld]).tolist()
+        assert len(idx) == 16
+        seen.append(set(idx))
+    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+    assert set().union(*seen) == set(range(48))
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert resolve_shard(None, None) == (2, 3)
+    plan = epoch_plan(50, 4, seed=0, epoch=0, shard_id=1, num_shards=3)  # drop last: 50 // 12 = 4 steps
+    assert plan.shape == (4, 4)
+    long = epoch_plan(10, 4, seed=0, epoch=0, epoch_length=40)
+    assert long.shape == (10, 4) and np.bincount(long.ravel()).tolist() == [4] * 10
+
+
+def test_images_smaller_than_a_crop(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    paths = []
+    for k, (w, h) in enumerate([(20, 12), (7, 9), (33, 5), (224, 96)]):
+        p = tmp_path / f"tiny{k}.jpg"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p, quality=95)
+        paths.append(p)
+    batch = first_batch(paths, MultiCropConfig.dino(), batch_size=4)
+    assert batch.views[0].shape == (4, 3, 224, 224) and torch.isfinite(batch.views[0]).all()
+    sizes = {0: (20, 12), 1: (7, 9), 2: (33, 5), 3: (224, 96)}
+    for b in range(4):
+        w, h = sizes[int(batch.index[b])]
+        assert (batch.boxes[b, :, 2] <= w).all() and (batch.boxes[b, :, 3] <= h).all()
+        assert (batch.boxes[b, :, :2] >= 0).all()
+
+
+def test_corrupt_file_error_names_the_file(files: list[Path], tmp_path: Path) -> None:
+    data = files[0].read_bytes()
+    cut = tmp_path / "cut.jpg"  # a readable header, no scan: DALI's decoder rejects it
+    cut.write_bytes(data[: data.index(b"\xff\xda")] + b"\xff\xd9")
+    junk = tmp_path / "junk.jpg"  # not an image at all: caught before DALI
+    junk.write_bytes(b"not a jpeg" * 10)
+    for bad in (cut, junk):
+        paths = list(files[:7]) + [bad]
+        with pytest.raises(MultiCropDataError, match=str(bad)) as e:
+            for _ in multicrop_loader(paths, SMALL, 8, device="cpu", seed=0):
+                pass
+        assert "oodfast data check" in str(e.value)
+
+
+def test_missing_file_and_bad_options_raise_clearly(files: list[Path], tmp_path: Path) -> None:
+    gone = tmp_path / "gone.jpg"
+    with pytest.raises(MultiCropDataError, match="gone.jpg") as e:
+        for _ in multicrop_loader(list(files[:7]) + [gone], SMALL, 8, device="cpu", seed=0):
+            pass
+    assert "oodfast data check" in str(e.value)
+    with pytest.raises(ValueError, match="hw_decoder_load"):
+        multicrop_loader(files, SMALL, 8, device="cpu", seed=0, backend="reference", hw_decoder_load=0.5)
+    with pytest.raises(ValueError, match="hw_decoder_load"):
+        multicrop_loader(files, SMALL, 8, device="cpu", seed=0, hw_decoder_load=1.5)
+    with pytest.raises(ValueError, match="batch_size"):
+        multicrop_loader(files, SMALL, 64, device="cpu", seed=0)
+
+
+def test_gpu_pipeline_graph_is_valid_without_a_gpu() -> None:
+    # The GPU graph is traced (not run): every per-sample argument input must come from the CPU,
+    # the decoder must be the mixed one and every view must leave the pipeline on the GPU.
+    from oodfast.data.multicrop import build_dali_pipeline
+
+    pipe = build_dali_pipeline(lambda: None, MultiCropConfig.dino(), 4, device_id=0, num_threads=1,
+                               out_dtype=torch.float16)
+    if not hasattr(pipe, "_build_graph"):
+        pytest.skip("this DALI version does not expose graph tracing without a device")
+    pipe._build_graph()
+    specs = [(type(op._op).__name__ if not hasattr(op._op, "schema_name") else op._op.schema_name, op.spec)
+             for op in pipe._ops]
+    gpu_args = [(name, s.InputName(i)) for name, s in specs
+                for i in range(s.NumRegularInput(), s.NumInput()) if s.InputDevice(i) != "cpu"]
+    assert gpu_args == [], f"argument inputs on the GPU: {gpu_args}"
+    devices = {name: {s.OutputDevice(i) for i in range(s.NumOutput())} for name, s in specs}
+    assert devices["decoders__Image"] == {"gpu"}
+    assert devices["CropMirrorNormalize"] == {"gpu"} and devices["Hsv"] == {"gpu"}
+
+
+def test_colour_jitter_matches_torchvision_factors(files: list[Path]) -> None:
+    # Jitter only, on the globals: DALI's output against torchvision's PIL ops with the drawn
+    # factors (order B, C, S, H). DALI's hue is a chroma rotation, PIL's an HSV shift, so hue is
+    # checked by direction: the drawn shift must fit clearly better than the opposite one (a sign
+    # error, or a fraction of the circle passed as degrees, fails this).
+    from torchvision.transforms import functional as TF
+
+    jit = dataclasses.replace(ViewAug().off(), jitter_p=1.0)
+    cfg = dataclasses.replace(MultiCropConfig(global_size=48, n_local=0).without_augmentation(),
+                              global1=jit, global2=jit)
+    batch = first_batch(files, cfg, batch_size=16, debug=True)
+
+    def ref(b: int, v: int, hue_sign: float) -> torch.Tensor:
+        with Image.open(files[int(batch.index[b])]) as im:
+            img = im.convert("RGB").resize((48, 48), Image.BICUBIC, box=tuple(batch.boxes[b, v].tolist()))
+        q = {k: float(batch.params[k][b, v]) for k in ("brightness", "contrast", "saturation", "hue_deg")}
+        img = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(img, q["brightness"]), q["contrast"]),
+                                   q["saturation"])
+        img = TF.adjust_hue(img, hue_sign * q["hue_deg"] / 360.0)
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1).float()
+
+    err = {1.0: [], -1.0: []}
+    for b in range(16):
+        for v in range(2):
+            out = pixels(batch.views[v][b: b + 1])[0]
+            for sign in err:
+                err[sign].append(float((out - ref(b, v, sign)).abs().mean()))
+    same, opposite = np.mean(err[1.0]), np.mean(err[-1.0])
+    assert same < 5.0, f"mean error {same:.2f} levels vs torchvision's jitter"
+    assert opposite > 1.2 * same, f"hue: error {same:.2f} with the drawn shift vs {opposite:.2f} with its opposite"
