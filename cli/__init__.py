@@ -8,6 +8,7 @@ import click
 
 from oodfast import __version__
 from oodfast.cli.data import data
+from oodfast.cli.train import train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -20,3 +21,4 @@ def main(verbose: int) -> None:
 
 
 main.add_command(data)
+main.add_command(train)

@@ -261,3 +261,36 @@ class RareDetector(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"dim={self.dim}, metric={c.metric}, percentile={c.percentile}, online={c.online}"
+
+
+class RandomDetector(nn.Module):
+    """The replay ablation: flags each image with probability ``rate``, whatever its embedding.
+
+    It enqueues through the same fused op as :class:`RareDetector` (a uniform random score against
+    the threshold ``1 - rate``), so a run with ``--replay random`` differs from the OOD run only in
+    which images enter the buffer: the effect of detection can be told from the effect of replay.
+    """
+
+    def __init__(self, rate: float, *, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if not 0.0 < rate < 1.0:
+            raise ValueError(f"rate must be in (0, 1), got {rate}")
+        self.rate = rate
+        self.register_buffer("threshold", torch.tensor(1.0 - rate, device=device))
+        self.register_buffer("flag_rate", torch.tensor(rate, device=device))
+        z = dict(device=device)
+        self._unused = (torch.zeros(1, **z), torch.zeros(0, 1, **z), torch.zeros(0, **z), torch.ones((), **z))
+
+    def enqueue(self, x: torch.Tensor, ring: RareRing, sample_ids: torch.Tensor, step: torch.Tensor,
+                *, scores: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`RareDetector.enqueue`; ``x`` only sets the batch size and device."""
+        B = x.shape[-2]
+        scores = torch.empty(B, dtype=torch.float32, device=x.device) if scores is None else scores
+        slots = torch.empty(B, dtype=torch.int32, device=x.device) if slots is None else slots
+        random_scores = torch.rand(B, 1, device=x.device)
+        center, proj, coef, alpha = self._unused
+        rare_enqueue(random_scores, center, proj, coef, alpha, self.threshold, sample_ids, step, scores, slots,
+                     ring.ring_ids, ring.ring_scores, ring.ring_steps, ring.state, ring.scratch, SCORE)
+        with torch.no_grad():
+            self.flag_rate.lerp_((scores > self.threshold).float().mean(), 0.01)
+        return scores, slots

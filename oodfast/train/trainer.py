@@ -1,0 +1,427 @@
+"""The Trainer: DINO with the OOD replay buffer in the loop (``oodfast train``).
+
+One step, as in the paper but without its host round trips::
+
+    loader batch (B images x 2 global + N local crops)  --stage-->  rows [0, B) of persistent tensors
+    [frozen detector] embed global crops -> rare_enqueue -> ring_copy      (compiled pre-step)
+    teacher(global views of B + C rows), student(all views of B + C rows), DINOLoss    (compiled)
+    backward, per-parameter clipping, last-layer freeze, AdamW                          (eager)
+    [teacher detector] teacher embeddings of rows [0, B) -> rare_enqueue -> ring_copy;
+    EMA teacher update with a 0-d momentum                                  (compiled post-step)
+
+The ring lives in rows [B, B + C) of the same persistent tensors (RareRing tail mode), so the model
+always sees B + C rows per view with static shapes; schedules enter as 0-d tensors, so nothing
+recompiles as they change. With the teacher detector an image flagged in step t is replayed from step
+t + 1 on (it is in step t's batch anyway); the frozen detector, like the paper's, flags before the
+forward. The loss is read once per step (as DINO does) to skip a non-finite step; ``max_bad_steps``
+in a row stop the run and leave the last checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from oodfast.buffer import RareRing
+from oodfast.data.discover import discover
+from oodfast.data.multicrop import MultiCropConfig, multicrop_loader
+from oodfast.detect import DetectorConfig, RandomDetector, RareDetector
+from oodfast.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from oodfast.train.config import TrainConfig
+from oodfast.train.ema import ema_update_
+from oodfast.train.head import DINOHead, MultiCropWrapper, build_backbone
+from oodfast.train.loss import DINOLoss
+from oodfast.train.optim import cancel_last_layer_gradients_, clip_gradients_, param_groups
+from oodfast.train.schedules import Schedules
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """Several consecutive non-finite losses: the run stopped; the last checkpoint is intact."""
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank), initialising the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+class Trainer:
+    """Builds everything a run needs from a :class:`TrainConfig` and runs it.
+
+    Args:
+        config: the run.
+        device: ``"cuda"`` / ``"cpu"`` (default: CUDA when available, the GPU of LOCAL_RANK).
+        resume: a checkpoint to continue from (its models, optimizer, loss center, ring, detector,
+            step and RNG states are restored).
+        progress: show the progress bar.
+    """
+
+    def __init__(self, config: TrainConfig, *, device: str | torch.device | None = None,
+                 resume: str | Path | None = None, progress: bool = True) -> None:
+        self.cfg = cfg = config
+        self.rank, self.world, local_rank = _distributed()
+        if device is None:
+            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.progress = progress and self.rank == 0
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed + self.rank)
+        np.random.seed(cfg.seed + self.rank)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.on_cuda = self.device.type == "cuda"
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if (self.on_cuda and cfg.bf16) else contextlib.nullcontext()
+
+        # ============ data ============
+        self.files = discover(cfg.data, cfg.data_root, cfg.split, synthetic=cfg.synthetic_spec or None)
+        self.crops = MultiCropConfig.dino(
+            global_size=cfg.global_size, local_size=cfg.local_size, global_scale=tuple(cfg.global_crops_scale),
+            local_scale=tuple(cfg.local_crops_scale), n_local=cfg.local_crops_number,
+            dtype="bfloat16" if (self.on_cuda and cfg.bf16) else "auto")
+        self.B = cfg.batch_size_per_gpu
+        self.loader = self._loader(self.files, cfg.seed, cfg.epoch_length)
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{len(self.files)} images give no full batch of {self.B} per process; lower "
+                             "--batch_size_per_gpu or use more data")
+        log.info("data: %s %s, %d images, %d steps per epoch", cfg.data, cfg.split, len(self.files),
+                 self.steps_per_epoch)
+
+        # ============ student and teacher ============
+        backbone, self.embed_dim = build_backbone(cfg.arch)
+        self.student = MultiCropWrapper(backbone, DINOHead(self.embed_dim, cfg.out_dim,
+                                                           norm_last_layer=cfg.norm_last_layer))
+        self.teacher = MultiCropWrapper(build_backbone(cfg.arch)[0], DINOHead(self.embed_dim, cfg.out_dim))
+        self.teacher.load_state_dict(self.student.state_dict())
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.student.to(self.device, memory_format=fmt)
+        self.teacher.to(self.device, memory_format=fmt)
+        for p in self.teacher.parameters():
+            p.requires_grad = False
+        self.student_ddp: nn.Module = self.student
+        if self.world > 1:
+            self.student_ddp = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[self.device.index] if self.on_cuda else None)
+        self.loss = DINOLoss(cfg.out_dim, 2 + cfg.local_crops_number, cfg.warmup_teacher_temp, cfg.teacher_temp,
+                             cfg.warmup_teacher_temp_epochs, cfg.epochs).to(self.device)
+        self.optimizer = torch.optim.AdamW(param_groups(self.student))
+        self.schedules = Schedules.dino(
+            epochs=cfg.epochs, niter_per_ep=self.steps_per_epoch, batch_size=self.B * self.world, lr=cfg.lr,
+            min_lr=cfg.min_lr, warmup_epochs=cfg.warmup_epochs, weight_decay=cfg.weight_decay,
+            weight_decay_end=cfg.weight_decay_end, momentum_teacher=cfg.momentum_teacher,
+            warmup_teacher_temp=cfg.warmup_teacher_temp, teacher_temp=cfg.teacher_temp,
+            warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs)
+        self.sched = self.schedules.allocate(self.device)
+
+        # ============ the OOD replay buffer ============
+        self.ring: RareRing | None = None
+        self.detector: RareDetector | RandomDetector | None = None
+        self.encoder: nn.Module | None = None
+        if cfg.uses_ring:
+            self.ring = RareRing.for_multicrop(
+                cfg.buffer_size, global_size=cfg.global_size, n_local=cfg.local_crops_number,
+                local_size=cfg.local_size, batch_size=self.B, dtype=self.crops.torch_dtype(self.device),
+                device=self.device)
+            if cfg.replay == "random":
+                self.detector = RandomDetector(1.0 - cfg.ood_percentile, device=self.device)
+            else:
+                dim = self.embed_dim
+                if cfg.detector == "frozen":
+                    if not cfg.detector_weights:
+                        raise ValueError(
+                            "--detector frozen needs --detector-weights PATH: a torchvision/DINO ResNet-50 "
+                            "state dict such as dino_resnet50_pretrain.pth (linked from the "
+                            "facebookresearch/dino README) or an oodfast/DINO checkpoint; or use "
+                            "--detector teacher, which needs no weights")
+                    from oodfast.compat import load_resnet50_trunk
+
+                    self.encoder = load_resnet50_trunk(cfg.detector_weights, self.device)
+                    for p in self.encoder.parameters():
+                        p.requires_grad = False
+                    dim = 2048
+                self.detector = RareDetector(dim, DetectorConfig(
+                    metric=cfg.metric, percentile=cfg.ood_percentile, online=cfg.threshold == "online"),
+                    device=self.device)
+        C = cfg.buffer_size if cfg.uses_ring else 0
+        self._views: list[torch.Tensor] | None = None
+        self._staging: list[torch.Tensor] = []
+        if self.ring is None:  # plain DINO: persistent batch tensors without a ring
+            self._staging = [torch.zeros(self.B, 3, s, s, dtype=self.crops.torch_dtype(self.device), device=self.device)
+                             for s in [cfg.global_size] * 2 + [cfg.local_size] * cfg.local_crops_number]
+        self.rows = self.B + C
+        self._ids = torch.zeros(self.B, dtype=torch.int64, device=self.device)
+        self._step_t = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._scores = torch.zeros(self.B, device=self.device)
+        self._slots = torch.full((self.B,), -1, dtype=torch.int32, device=self.device)
+
+        self.step = 0
+        self.compile_seconds = 0.0
+        self._forward = torch.compile(self._forward_impl, fullgraph=True) if cfg.compile else self._forward_impl
+        self._pre = torch.compile(self._pre_impl, fullgraph=True) if cfg.compile else self._pre_impl
+        self._post = torch.compile(self._post_impl, fullgraph=True) if cfg.compile else self._post_impl
+        self.resumed = False
+        if resume is not None:
+            self._restore(load_checkpoint(resume, map_location=self.device))
+
+    # ------------------------------------------------------------------------------------------
+    def _loader(self, files: Any, seed: int, epoch_length: int | None, *, sharded: bool = True):
+        return multicrop_loader(files, self.crops, self.B, device=self.device, seed=seed, backend=self.cfg.aug,
+                                epoch_length=epoch_length, num_workers=self.cfg.num_workers,
+                                **({} if sharded else {"shard_id": 0, "num_shards": 1}))
+
+    def views(self) -> list[torch.Tensor]:
+        """The B + C rows per view the model sees (persistent tensors)."""
+        return self.ring.views() if self.ring is not None else self._staging
+
+    def _stage(self, views: list[torch.Tensor], index: torch.Tensor) -> None:
+        if self.ring is not None:
+            self.ring.stage(views)
+        else:
+            for dst, src in zip(self._staging, views):
+                dst.copy_(src, non_blocking=True)
+        self._ids.copy_(index, non_blocking=True)
+
+    @torch.no_grad()
+    def _embed_globals(self, globals_: list[torch.Tensor]) -> torch.Tensor:
+        """Detector embeddings [2, B, D] (fp32) of the staged batch's two global views."""
+        rows = [g[: self.B] for g in globals_]
+        with self.amp:
+            if self.encoder is not None:
+                feats = self.encoder(torch.cat(rows))
+            else:
+                feats = self.teacher.forward_backbone(rows)
+        return feats.float().view(2, self.B, -1)
+
+    # ---- the three compiled pieces -------------------------------------------------------------
+    def _pre_impl(self) -> None:
+        """Frozen detector: flag the staged batch and copy its rare images into the ring, before the forward."""
+        views = self.views()
+        emb = self._embed_globals(views[:2])
+        self.detector.enqueue(emb, self.ring, self._ids, self._step_t, scores=self._scores, slots=self._slots)
+        self.ring.write(self._slots)
+
+    def _forward_impl(self, teacher_temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        views = self.views()
+        with self.amp:
+            teacher_out, teacher_feats = self.teacher(views[:2], return_features=True)
+            student_out = self.student_ddp(views)
+        loss = self.loss(student_out, teacher_out, teacher_temp=teacher_temp)
+        return loss, teacher_feats.detach()
+
+    def _post_impl(self, teacher_feats: torch.Tensor, momentum: torch.Tensor) -> None:
+        with torch.no_grad():
+            ema_update_(list(self.teacher.parameters()), list(self.student.parameters()), momentum)
+            if self.ring is not None and self.encoder is None:
+                # Teacher detector (or random replay): the teacher's embeddings of the staged rows.
+                emb = teacher_feats.float().view(2, self.rows, -1)[:, : self.B]
+                self.detector.enqueue(emb, self.ring, self._ids, self._step_t, scores=self._scores, slots=self._slots)
+                self.ring.write(self._slots)
+
+    # ---- calibration and warm-up -----------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self) -> None:
+        """Fit the detector's statistics and threshold on ``calib_size`` images (or ``calib_frac``).
+
+        Every process calibrates on the same images (the first of a seeded permutation), so their
+        statistics agree without communication.
+        """
+        if not isinstance(self.detector, RareDetector):
+            return
+        cfg = self.cfg
+        n = round(cfg.calib_frac * len(self.files)) if cfg.calib_frac else cfg.calib_size
+        n = max(self.B, min(n, len(self.files)))
+        pick = np.random.default_rng(cfg.seed).permutation(len(self.files))[:n]
+        subset = [self.files.images[i] for i in sorted(pick)]
+        feats = []
+        for batch in self._loader(subset, cfg.seed + 1, None, sharded=False):
+            feats.append(self._embed_globals([v.to(self.device) for v in batch.views[:2]]).flatten(0, 1))
+        features = torch.cat(feats)
+        scores = self.detector.fit(features)
+        log.info("calibrated %s on %d images (%d global crops): threshold %.4f (%.2f percentile)",
+                 cfg.metric, n, features.shape[0], float(self.detector.threshold), cfg.ood_percentile)
+        del scores
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Fill the ring before training, as the paper does; top it up with random images if one pass
+        over the data does not find enough rare ones."""
+        if self.ring is None:
+            return
+        flagged_only = isinstance(self.detector, RareDetector)
+        for batch in self._loader(self.files, self.cfg.seed + 2, self.cfg.epoch_length):
+            if self.ring.is_full():
+                break
+            self._stage(batch.views, batch.index)
+            emb = self._embed_globals(self.views()[:2])
+            self.detector.enqueue(emb, self.ring, self._ids, self._step_t, scores=self._scores, slots=self._slots)
+            self.ring.write(self._slots)
+        if not self.ring.is_full():
+            log.warning("warm-up: one pass found %d of %d rare images; topping up with random images",
+                        int(self.ring.count), self.cfg.buffer_size)
+            filler = RandomDetector(0.5, device=self.device)
+            while not self.ring.is_full():
+                for batch in self._loader(self.files, self.cfg.seed + 3, None):
+                    self._stage(batch.views, batch.index)
+                    filler.enqueue(self._scores.unsqueeze(1), self.ring, self._ids, self._step_t,
+                                   scores=self._scores, slots=self._slots)
+                    self.ring.write(self._slots)
+                    if self.ring.is_full():
+                        break
+        log.info("warm-up done: %d images in the buffer (%s)", int(self.ring.count),
+                 "flagged" if flagged_only else "random")
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Calibrate, warm the ring up, train, checkpoint. Returns a summary dict."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        if not self.resumed:
+            self.calibrate()
+            self.warm_up()
+        total = self.schedules.total_steps if cfg.max_steps is None else min(cfg.max_steps, self.schedules.total_steps)
+        log_path = self.out / "log.jsonl"
+        bad_in_row = 0
+        images_seen, t_start, last, first = 0, time.perf_counter(), {}, True
+        start_epoch = self.step // self.steps_per_epoch
+        for epoch in range(start_epoch, cfg.epochs):
+            if self.step >= total:
+                break
+            if cfg.detector == "teacher" and isinstance(self.detector, RareDetector) and epoch > start_epoch:
+                self.calibrate()  # the teacher has moved: refresh the statistics once per epoch
+            self.loader.set_epoch(epoch)
+            skip = self.step - epoch * self.steps_per_epoch
+            bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {epoch}", unit="step",
+                       disable=not self.progress, dynamic_ncols=True)
+            epoch_losses = []
+            for i, batch in enumerate(self.loader):
+                if i < skip:
+                    continue
+                if self.step >= total:
+                    break
+                t0 = time.perf_counter()
+                self._stage(batch.views, batch.index)
+                self.schedules.write_(self.step, self.sched)
+                self._step_t.fill_(self.step)
+                if self.encoder is not None:
+                    self._pre()
+                loss, teacher_feats = self._forward(self.sched.teacher_temp)
+                loss_value = float(loss.detach())  # the one host read per step (DINO reads it too)
+                if not math.isfinite(loss_value):
+                    bad_in_row += 1
+                    log.warning("step %d: non-finite loss %s, step skipped (%d in a row)", self.step, loss_value,
+                                bad_in_row)
+                    self._log(log_path, {"step": self.step, "epoch": epoch, "event": "non_finite_loss",
+                                         "loss": str(loss_value)})
+                    if bad_in_row >= cfg.max_bad_steps:
+                        raise TrainingDiverged(
+                            f"{bad_in_row} consecutive non-finite losses at step {self.step}; stopped. The last "
+                            f"checkpoint in {self.out} is intact: lower --lr, raise --warmup_epochs or check the "
+                            "data, then --resume it")
+                    self.step += 1
+                    bar.update()
+                    continue
+                bad_in_row = 0
+                values = self.schedules.values(self.step)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip_grad:
+                    clip_gradients_(self.student, cfg.clip_grad)
+                cancel_last_layer_gradients_(epoch, self.student, cfg.freeze_last_layer)
+                for g, group in enumerate(self.optimizer.param_groups):
+                    group["lr"] = values["lr"]
+                    if g == 0:  # only the first group is regularised (DINO)
+                        group["weight_decay"] = values["weight_decay"]
+                self.optimizer.step()
+                self._post(teacher_feats, self.sched.momentum)
+                if first:  # the first step of a process compiles: timed apart from the steady state
+                    self.compile_seconds, first = time.perf_counter() - t0, False
+                else:
+                    images_seen += self.B * self.world
+                epoch_losses.append(loss_value)
+                if self.step % cfg.log_every == 0 or self.step == total - 1:
+                    last = self._record(log_path, epoch, loss_value, values, images_seen,
+                                        time.perf_counter() - t_start - self.compile_seconds)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{last['images_per_s']:.1f}",
+                                    flag=f"{last.get('flag_rate', 0):.3f}", buf=last.get("buffer", 0))
+                self.step += 1
+                bar.update()
+            bar.close()
+            if epoch_losses:
+                self._log(log_path, {"epoch": epoch, "event": "epoch_end", "step": self.step,
+                                     "loss": float(np.mean(epoch_losses))})
+            if self.step % self.steps_per_epoch == 0 or self.step >= total:
+                self.save(epoch)
+        seconds = time.perf_counter() - t_start
+        return {"steps": self.step, "epochs_done": self.step / self.steps_per_epoch, "last": last,
+                "seconds": round(seconds, 1), "compile_seconds": round(self.compile_seconds, 1),
+                "checkpoint": str(self.out / "checkpoint.pth"), "log": str(log_path)}
+
+    def _record(self, path: Path, epoch: int, loss: float, values: dict[str, float], images: int,
+                seconds: float) -> dict[str, Any]:
+        entropy = float(self.loss.teacher_entropy)
+        rec: dict[str, Any] = {"step": self.step, "epoch": epoch, "loss": loss, **values,
+                               "teacher_entropy": entropy, "entropy_ratio": entropy / float(self.loss.max_entropy),
+                               "images_per_s": images / seconds if seconds > 0 and images else 0.0}
+        if self.ring is not None:
+            rec.update(flag_rate=float(self.detector.flag_rate), threshold=float(self.detector.threshold),
+                       buffer=int(self.ring.count), nonfinite=int(self.ring.nonfinite_total))
+        self._log(path, rec)
+        return rec
+
+    def _log(self, path: Path, record: dict[str, Any]) -> None:
+        if self.rank == 0:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def state(self, epoch: int) -> dict[str, Any]:
+        """The checkpoint dict (DINO's keys plus ours), from the uncompiled modules."""
+        return {
+            "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "epoch": epoch + 1, "args": self.cfg.to_dict(),
+            "dino_loss": self.loss.state_dict(),
+            "ring": self.ring.state_dict() if self.ring is not None else None,
+            "detector": self.detector.state_dict() if self.detector is not None else None,
+            "step": self.step, "rng": rng_state(), "config": self.cfg.to_dict(),
+        }
+
+    def save(self, epoch: int) -> None:
+        if self.rank != 0:
+            return
+        state = self.state(epoch)
+        save_checkpoint(self.out / "checkpoint.pth", state)
+        if self.cfg.saveckp_freq and (epoch + 1) % self.cfg.saveckp_freq == 0:
+            save_checkpoint(self.out / f"checkpoint{epoch + 1:04}.pth", state)
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        self.student.load_state_dict(ckpt["student"])
+        self.teacher.load_state_dict(ckpt["teacher"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.loss.load_state_dict(ckpt["dino_loss"])
+        if self.ring is not None and ckpt.get("ring") is not None:
+            self.ring.load_state_dict(ckpt["ring"])
+        if self.detector is not None and ckpt.get("detector") is not None:
+            self.detector.load_state_dict(ckpt["detector"])
+        self.step = int(ckpt["step"])
+        set_rng_state(ckpt["rng"])
+        self.resumed = True
+        log.info("resumed at step %d (epoch %d)", self.step, self.step // self.steps_per_epoch)
