@@ -305,8 +305,8 @@ class Trainer:
         for epoch in range(start_epoch, cfg.epochs):
             if self.step >= total:
                 break
-            if cfg.detector == "teacher" and isinstance(self.detector, RareDetector) and epoch > start_epoch:
-                self.calibrate()  # the teacher has moved: refresh the statistics once per epoch
+            if cfg.detector == "teacher" and isinstance(self.detector, RareDetector) and epoch > 0:
+                self.calibrate()  # the teacher has moved: refresh the statistics at every epoch start
             self.loader.set_epoch(epoch)
             skip = self.step - epoch * self.steps_per_epoch
             bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {epoch}", unit="step",

@@ -1,0 +1,143 @@
+"""The Trainer end to end on a tiny synthdrive: checkpoints, resume, ablations, divergence, compile."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo
+from torchvision import models
+
+from oodfast.detect import RandomDetector, RareDetector
+from oodfast.train.checkpoint import CheckpointError, load_checkpoint
+from oodfast.train.config import TrainConfig
+from oodfast.train.trainer import Trainer, TrainingDiverged
+
+SPEC = dict(num_images=64, seed=3, width=128, height=72)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("synth")
+    from oodfast.data.synthdrive import ensure_synthdrive
+
+    ensure_synthdrive(root, progress=False, **SPEC)
+    return str(root)
+
+
+def tiny(data_root: str, out: Path, **overrides) -> TrainConfig:
+    base = dict(data="synthetic", data_root=data_root, synthetic_spec=SPEC, arch="resnet18", out_dim=64,
+                global_size=32, local_size=16, local_crops_number=2, batch_size_per_gpu=4, epochs=2,
+                epoch_length=16, buffer_size=2, calib_size=8, compile=False, log_every=1, output_dir=str(out),
+                num_workers=1, deterministic=True)
+    return TrainConfig.cpu(**{**base, **overrides})
+
+
+def losses(out: Path) -> list[float]:
+    recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if "lr" in r]
+
+
+def test_short_run_writes_a_dino_checkpoint_that_torchvision_loads(data_root, tmp_path):
+    summary = Trainer(tiny(data_root, tmp_path / "run"), progress=False).train()
+    assert summary["steps"] == 8
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    for key in ("student", "teacher", "optimizer", "epoch", "args", "dino_loss", "ring", "step", "rng",
+                "detector", "config"):
+        assert key in ckpt, key
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 8
+    assert all(k.startswith(("backbone.", "head.")) for k in ckpt["teacher"])
+    resnet = models.resnet18()
+    missing, unexpected = resnet.load_state_dict(
+        {k.removeprefix("backbone."): v for k, v in ckpt["teacher"].items() if k.startswith("backbone.")}, strict=False)
+    assert missing == ["fc.weight", "fc.bias"] and unexpected == []
+    rec = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()][-2]
+    for field in ("loss", "lr", "weight_decay", "momentum", "teacher_entropy", "entropy_ratio", "flag_rate",
+                  "threshold", "buffer", "images_per_s"):
+        assert field in rec, field
+    assert rec["buffer"] == 2 and 0 < rec["entropy_ratio"] <= 1.0
+
+
+def test_resume_reproduces_the_uninterrupted_run(data_root, tmp_path):
+    full = Trainer(tiny(data_root, tmp_path / "full"), progress=False)
+    full.train()
+    first = Trainer(tiny(data_root, tmp_path / "part", max_steps=4), progress=False)
+    first.train()  # one epoch, checkpoint at its end
+    resumed = Trainer(tiny(data_root, tmp_path / "part"), progress=False,
+                      resume=tmp_path / "part" / "checkpoint.pth")
+    resumed.train()
+    assert losses(tmp_path / "part") == pytest.approx(losses(tmp_path / "full"), rel=1e-5)
+    assert torch.equal(resumed.ring.ring_ids, full.ring.ring_ids)
+
+
+def test_ablation_flags_change_what_they_claim(data_root, tmp_path):
+    plain = Trainer(tiny(data_root, tmp_path / "plain", replay="none", max_steps=2), progress=False)
+    plain.train()
+    assert plain.ring is None and all(v.shape[0] == 4 for v in plain.views())
+    assert load_checkpoint(tmp_path / "plain" / "checkpoint.pth")["ring"] is None
+
+    rand = Trainer(tiny(data_root, tmp_path / "rand", replay="random", max_steps=2), progress=False)
+    rand.train()
+    assert isinstance(rand.detector, RandomDetector) and rand.ring.is_full()
+    assert all(v.shape[0] == 4 + 2 for v in rand.views())
+
+    ood = Trainer(tiny(data_root, tmp_path / "ood", max_steps=2), progress=False)
+    ood.train()
+    assert isinstance(ood.detector, RareDetector) and torch.isfinite(ood.detector.threshold)
+
+
+def test_non_finite_losses_skip_then_stop_keeping_the_checkpoint(data_root, tmp_path):
+    out = tmp_path / "div"
+    Trainer(tiny(data_root, out, epochs=3, max_steps=4), progress=False).train()
+    before = (out / "checkpoint.pth").read_bytes()
+    trainer = Trainer(tiny(data_root, out, epochs=3, max_bad_steps=3), progress=False,
+                      resume=out / "checkpoint.pth")
+    original = trainer.loss.forward
+    trainer.loss.forward = lambda *a, **k: original(*a, **k) * float("nan")
+    with pytest.raises(TrainingDiverged, match="3 consecutive non-finite losses"):
+        trainer.train()
+    assert (out / "checkpoint.pth").read_bytes() == before
+    events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert sum(e.get("event") == "non_finite_loss" for e in events) == 3
+
+
+def test_bad_inputs_are_refused_clearly(data_root, tmp_path):
+    with pytest.raises(ValueError, match="--detector-weights PATH"):
+        Trainer(tiny(data_root, tmp_path / "x", detector="frozen"), progress=False)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pth")
+    evil = tmp_path / "evil.pth"
+    marker = tmp_path / "ran"
+    evil.write_bytes(pickle.dumps({"student": _Exploit(str(marker))}))
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="replay must be one of"):
+        TrainConfig(replay="sometimes")
+
+
+class _Exploit:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.slow
+def test_compiled_steps_match_eager_without_recompiling(data_root, tmp_path):
+    """Compiled forward / post-step over 20 steps: no recompile after warm-up, losses as eager."""
+    torch._dynamo.reset()
+    cfg = dict(epochs=1, epoch_length=80, max_steps=20)
+    eager = Trainer(tiny(data_root, tmp_path / "eager", **cfg), progress=False)
+    eager.train()
+    compiled = Trainer(tiny(data_root, tmp_path / "compiled", compile=True, **cfg), progress=False)
+    compiled.calibrate()
+    compiled.warm_up()
+    compiled.resumed = True  # calibration and warm-up done; keep them out of the recompile check
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled.train()
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-3)
