@@ -141,3 +141,34 @@ def test_compiled_steps_match_eager_without_recompiling(data_root, tmp_path):
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled.train()
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-3)
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run(data_root, tmp_path):
+    """torchrun with 2 CPU processes: DDP over gloo, sharded data, one ring per rank, rank 0 saves."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    script = (
+        "import sys, json; sys.path.insert(0, %r)\n"
+        "from test_trainer import tiny\n"
+        "from oodfast.train.trainer import Trainer\n"
+        "import torch.distributed as dist\n"
+        "t = Trainer(tiny(%r, __import__('pathlib').Path(%r), max_steps=3, epoch_length=32), progress=False)\n"
+        "s = t.train()\n"
+        "print('RANK', dist.get_rank(), 'WORLD', dist.get_world_size(), 'STEPS', s['steps'],"
+        " 'IDS', t._ids.tolist(), flush=True)\n"
+        "dist.destroy_process_group()\n"
+    ) % (str(Path(__file__).parent), data_root, str(out))
+    (tmp_path / "ddp_run.py").write_text(script)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29533", str(tmp_path / "ddp_run.py")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RANK")]
+    assert sorted(line.split()[1] for line in lines) == ["0", "1"]
+    assert all("WORLD 2 STEPS 3" in line for line in lines)
+    ids = [set(eval(line.split("IDS ")[1])) for line in lines]
+    assert not ids[0] & ids[1], "the two ranks must see different images"
+    assert (out / "checkpoint.pth").exists()
