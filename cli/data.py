@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from oodfast.cli._options import report_options
 from oodfast.data.discover import KINDS
 
 DATA_KINDS = click.Choice(list(KINDS))
@@ -60,9 +61,7 @@ def data() -> None:
               help="Relative frequencies of rare classes, e.g. 'person=0.3,train=0.05' (others keep defaults).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Drawing processes [default: all cores].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing synthdrive dataset at --out.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the manifest here too.")
-@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the summary as markdown here.")
+@report_options
 def synth(out: Path, num_images: int, seed: int, size: tuple[int, int], val_fraction: float,
           rare_prob: float | None, rare_weights: dict[str, float] | None, workers: int | None,
           overwrite: bool, json_path: Path | None, markdown_path: Path | None) -> None:
@@ -96,9 +95,7 @@ def synth(out: Path, num_images: int, seed: int, size: tuple[int, int], val_frac
               help="Where to write the clean file list [default: the oodfast cache, where training finds it].")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Decoding processes [default: all cores].")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any file is bad.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
-@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the report as markdown.")
+@report_options
 def check(kind: str, data_root: Path | None, split: str, out: Path | None, workers: int | None, strict: bool,
           json_path: Path | None, markdown_path: Path | None) -> None:
     """Decode every image (and mask) once; report bad files and write the clean file list.

@@ -8,11 +8,8 @@ from typing import Any
 
 import click
 
+from oodfast.cli._options import report_options
 from oodfast.cli.data import DATA_KINDS
-
-
-def _floats(_ctx: click.Context, _param: click.Parameter, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
-    return tuple(value) if value else None
 
 
 # (option name, python name, type, help). Defaults come from the preset; an option given overrides it.
@@ -74,15 +71,14 @@ def _dino_options(fn):
 @click.option("--replay", type=click.Choice(["ood", "random"]), default=None,
               help="random: a buffer of randomly chosen images (ablation: replay without detection).")
 @click.option("--no-compile", is_flag=True, help="Run the step eagerly (no torch.compile).")
+@click.option("--tensorboard", is_flag=True, help="Also log the scalars to TensorBoard (output_dir/tb; extra 'tensorboard').")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Checkpoint to continue from.")
 @click.option("--device", default=None, help="cuda or cpu [default: cuda when available].")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the run summary as JSON.")
-@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the run summary as markdown.")
+@report_options
 @_dino_options
 def train(data: str, data_root: Path | None, preset: str, aug: str | None, detector: str | None,
           detector_weights: str | None, metric: str | None, threshold: str | None, no_ood: bool, replay: str | None,
-          no_compile: bool, resume: str | None, device: str | None, json_path: Path | None,
+          no_compile: bool, tensorboard: bool, resume: str | None, device: str | None, json_path: Path | None,
           markdown_path: Path | None, **dino: Any) -> None:
     """Train DINO with the OOD replay buffer (default: on synthdrive, anywhere)."""
     import torch
@@ -105,6 +101,8 @@ def train(data: str, data_root: Path | None, preset: str, aug: str | None, detec
         overrides["replay"] = replay
     if no_compile:
         overrides["compile"] = False
+    if tensorboard:
+        overrides["tensorboard"] = True
     try:
         config = PRESETS[name](**overrides)
         summary = Trainer(config, device=device, resume=resume).train()

@@ -372,6 +372,14 @@ def params_dict(params: np.ndarray) -> dict[str, np.ndarray]:
     return {name: params[..., i] for i, name in enumerate(PARAM_FIELDS)}
 
 
+def read_file_bytes(path: str | os.PathLike[str]) -> np.ndarray:
+    """The file's bytes as uint8; a clear error naming the file if it cannot be read."""
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise MultiCropDataError(f"cannot read {path}: {e}; {_CHECK}") from None
+
+
 def image_size(path: Path, data: bytes | np.ndarray) -> tuple[int, int]:
     """(height, width) from the encoded header, without decoding; raises naming the file."""
     from PIL import Image, UnidentifiedImageError
@@ -428,10 +436,7 @@ class _Feeder:
         data, hw = [], np.empty((len(idx), 2), np.int64)
         for k, i in enumerate(idx):
             path = self.files[i]
-            try:
-                raw = np.fromfile(path, dtype=np.uint8)
-            except OSError as e:
-                raise MultiCropDataError(f"cannot read {path}: {e}; {_CHECK}") from None
+            raw = read_file_bytes(path)
             data.append(raw)
             size = self._sizes.get(int(i))
             if size is None:

@@ -38,6 +38,7 @@ from oodfast.data.multicrop import (
     boxes_from_params,
     epoch_plan,
     image_size,
+    read_file_bytes,
     params_dict,
     sample_view_params,
     steps_per_epoch,
@@ -162,10 +163,7 @@ class TorchMultiCropLoader:
         raw, hw = [], np.empty((len(idx), 2), np.int64)
         for k, i in enumerate(idx):
             path = self.files[i]
-            try:
-                data = np.fromfile(path, dtype=np.uint8)
-            except OSError as e:
-                raise MultiCropDataError(f"cannot read {path}: {e}; {_CHECK}") from None
+            data = read_file_bytes(path)
             hw[k] = image_size(path, data)
             raw.append(torch.from_numpy(data))
         images: list[torch.Tensor] = []

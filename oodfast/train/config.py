@@ -38,7 +38,8 @@ class TrainConfig:
     ``calib_frac``, ``ood_percentile``, ``threshold`` (fixed | online).
 
     Runtime: ``compile`` (torch.compile the step), ``bf16`` (autocast on CUDA), ``channels_last``,
-    ``seed``, ``deterministic``, ``output_dir``, ``saveckp_freq``, ``log_every``, ``max_steps``
+    ``seed``, ``deterministic``, ``output_dir``, ``saveckp_freq``, ``log_every``, ``tensorboard`` (also write
+    the logged scalars to TensorBoard under ``output_dir/tb``; needs the ``tensorboard`` extra), ``max_steps``
     (stop early; for smoke tests), ``max_bad_steps`` (consecutive non-finite losses before stopping).
     """
 
@@ -91,6 +92,7 @@ class TrainConfig:
     output_dir: str = "runs/oodfast"
     saveckp_freq: int = 20
     log_every: int = 10
+    tensorboard: bool = False
     max_steps: int | None = None
     max_bad_steps: int = 5
     synthetic_spec: dict[str, Any] = field(default_factory=dict)

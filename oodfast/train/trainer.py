@@ -177,6 +177,13 @@ class Trainer:
         self._forward = torch.compile(self._forward_impl, fullgraph=True) if cfg.compile else self._forward_impl
         self._pre = torch.compile(self._pre_impl, fullgraph=True) if cfg.compile else self._pre_impl
         self._post = torch.compile(self._post_impl, fullgraph=True) if cfg.compile else self._post_impl
+        self.tb = None
+        if cfg.tensorboard and self.rank == 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("--tensorboard needs the tensorboard package: pip install 'oodfast[tensorboard]'") from None
+            self.tb = SummaryWriter(str(self.out / "tb"))
         self.resumed = False
         if resume is not None:
             self._restore(load_checkpoint(resume, map_location=self.device))
@@ -254,10 +261,9 @@ class Trainer:
         for batch in self._loader(subset, cfg.seed + 1, None, sharded=False):
             feats.append(self._embed_globals([v.to(self.device) for v in batch.views[:2]]).flatten(0, 1))
         features = torch.cat(feats)
-        scores = self.detector.fit(features)
+        self.detector.fit(features)
         log.info("calibrated %s on %d images (%d global crops): threshold %.4f (%.2f percentile)",
                  cfg.metric, n, features.shape[0], float(self.detector.threshold), cfg.ood_percentile)
-        del scores
 
     @torch.no_grad()
     def warm_up(self) -> None:
@@ -366,7 +372,8 @@ class Trainer:
                 bar.update()
             bar.close()
             if epoch_losses:
-                self._log(log_path, {"epoch": epoch, "event": "epoch_end", "step": self.step,
+                scalars = {k: v for k, v in last.items() if k not in ("step", "epoch", "loss")}
+                self._log(log_path, {**scalars, "epoch": epoch, "event": "epoch_end", "step": self.step,
                                      "loss": float(np.mean(epoch_losses))})
             if self.step % self.steps_per_epoch == 0 or self.step >= total:
                 self.save(epoch)
@@ -385,6 +392,10 @@ class Trainer:
             rec.update(flag_rate=float(self.detector.flag_rate), threshold=float(self.detector.threshold),
                        buffer=int(self.ring.count), nonfinite=int(self.ring.nonfinite_total))
         self._log(path, rec)
+        if self.tb is not None:
+            for key, value in rec.items():
+                if key not in ("step", "epoch"):
+                    self.tb.add_scalar(f"train/{key}", value, self.step)
         return rec
 
     def _log(self, path: Path, record: dict[str, Any]) -> None:

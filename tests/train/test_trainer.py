@@ -172,3 +172,14 @@ def test_two_process_gloo_run(data_root, tmp_path):
     ids = [set(eval(line.split("IDS ")[1])) for line in lines]
     assert not ids[0] & ids[1], "the two ranks must see different images"
     assert (out / "checkpoint.pth").exists()
+
+
+def test_tensorboard_option(data_root, tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:  # the extra is not installed: a clear error, no half-started run
+        with pytest.raises(ValueError, match=r"pip install 'oodfast\[tensorboard\]'"):
+            Trainer(tiny(data_root, tmp_path / "tb", tensorboard=True), progress=False)
+        return
+    Trainer(tiny(data_root, tmp_path / "tb", tensorboard=True, max_steps=2), progress=False).train()
+    assert any((tmp_path / "tb" / "tb").iterdir())

@@ -1,0 +1,111 @@
+"""The DINO step: eager vs compiled, step-only vs end to end, and the OOD overhead per detector mode.
+
+    pytest benchmarks/bench_step.py --benchmark-only
+
+One "image" = all its crops (2 global + N local). On a GPU the paper's preset (ResNet-50,
+2 x 224 + 6 x 96, batch 64 + 32 buffer rows, bf16); on a CPU the cpu preset at batch 8. Each case
+builds a Trainer on synthdrive, calibrates and warms the buffer, then times steps:
+
+* ``step``: forward + backward + optimizer + post-step (EMA, OOD enqueue, ring copy) on the staged
+  batch, no data loading; eager vs compiled (compile time reported apart, in extra_info).
+* ``train``: the same with the loader in the loop (end to end), for the end-to-end / step-only ratio.
+* ``ood``: the step with ``replay=none`` vs with the teacher / frozen detector, for the OOD overhead.
+
+Targets on one H100 (trainer issue): ResNet-50 DINO >= 1,100 images/s, compiled >= 1.15x eager, end
+to end >= 90% of step-only, teacher-mode OOD overhead <= 3%.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from oodfast.train.config import TrainConfig
+from oodfast.train.trainer import Trainer
+
+DEVICE = os.environ.get("OODFAST_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.startswith("cuda")
+
+
+def config(tmp_path, **overrides) -> TrainConfig:
+    if ON_GPU:
+        return TrainConfig.paper(batch_size_per_gpu=64, epochs=1, epoch_length=64 * 40, calib_size=256,
+                                 output_dir=str(tmp_path), **overrides)
+    return TrainConfig.cpu(batch_size_per_gpu=8, epochs=1, epoch_length=8 * 12, calib_size=16, buffer_size=4,
+                           output_dir=str(tmp_path), **overrides)
+
+
+def sync() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def ready(trainer: Trainer) -> Trainer:
+    trainer.calibrate()
+    trainer.warm_up()
+    batch = next(iter(trainer.loader))
+    trainer._stage(batch.views, batch.index)
+    return trainer
+
+
+def one_step(t: Trainer) -> None:
+    t.schedules.write_(0, t.sched)
+    if t.encoder is not None:
+        t._pre()
+    loss, feats = t._forward(t.sched.teacher_temp)
+    t.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    t.optimizer.step()
+    t._post(feats, t.sched.momentum)
+    sync()
+
+
+def measure(benchmark, trainer: Trainer, fn) -> None:
+    start = time.perf_counter()
+    fn()  # first call: compiles when compile=True
+    benchmark.extra_info["first_call_s"] = time.perf_counter() - start
+    benchmark.pedantic(fn, rounds=5 if not ON_GPU else 20, warmup_rounds=1)
+    rows = trainer.B * trainer.world
+    benchmark.extra_info.update(images_per_s=rows / benchmark.stats.stats.median,
+                                device=torch.cuda.get_device_name() if ON_GPU else "cpu",
+                                batch=trainer.B, buffer=trainer.cfg.buffer_size if trainer.ring else 0)
+    if ON_GPU:
+        benchmark.extra_info["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_step(benchmark, tmp_path, compiled):
+    trainer = ready(Trainer(config(tmp_path, compile=compiled), device=DEVICE, progress=False))
+    benchmark.group = "step"
+    measure(benchmark, trainer, lambda: one_step(trainer))
+
+
+@pytest.mark.parametrize("replay, detector", [("none", "teacher"), ("ood", "teacher")], ids=["no-ood", "teacher"])
+def test_ood_overhead(benchmark, tmp_path, replay, detector):
+    trainer = ready(Trainer(config(tmp_path, replay=replay, detector=detector), device=DEVICE, progress=False))
+    benchmark.group = "ood overhead"
+    measure(benchmark, trainer, lambda: one_step(trainer))
+
+
+def test_end_to_end(benchmark, tmp_path):
+    """Whole epochs through Trainer.train (loader included); compare images/s with test_step[compiled]."""
+    cfg = config(tmp_path)
+    trainer = Trainer(cfg, device=DEVICE, progress=False)
+    trainer.calibrate()
+    trainer.warm_up()
+    trainer.resumed = True  # skip calibration inside train()
+
+    def epoch():
+        trainer.step = 0
+        trainer.train()
+        sync()
+
+    benchmark.group = "train"
+    start = time.perf_counter()
+    epoch()
+    benchmark.extra_info["first_call_s"] = time.perf_counter() - start
+    benchmark.pedantic(epoch, rounds=2, warmup_rounds=0)
+    benchmark.extra_info["images_per_s"] = trainer.steps_per_epoch * trainer.B / benchmark.stats.stats.median
