@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from oodfast.cli._options import report_options
-from oodfast.cli.data import DATA_KINDS
+from oodfast.cli.data import DATA_KINDS, parse_size
 
 
 # (option name, python name, type, help). Defaults come from the preset; an option given overrides it.
@@ -54,6 +54,10 @@ def _dino_options(fn):
 @click.option("--data", "data", type=DATA_KINDS, default="synthetic", show_default=True,
               help="Dataset layout; synthetic (synthdrive) is generated on first use.")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None, help="Dataset folder.")
+@click.option("--synthetic-images", type=click.IntRange(min=8), default=None,
+              help="--data synthetic: frames to generate (default 2400).")
+@click.option("--synthetic-size", default=None, callback=lambda c, p, v: parse_size(c, p, v) if v else None,
+              help="--data synthetic: frame size WxH (default 640x360).")
 @click.option("--preset", type=click.Choice(["auto", "paper", "cpu"]), default="auto", show_default=True,
               help="auto: the paper's recipe on a GPU, a small resnet18 run on a CPU.")
 @click.option("--aug", type=click.Choice(["dali", "reference", "torch"]), default=None,
@@ -76,7 +80,8 @@ def _dino_options(fn):
 @click.option("--device", default=None, help="cuda or cpu [default: cuda when available].")
 @report_options
 @_dino_options
-def train(data: str, data_root: Path | None, preset: str, aug: str | None, detector: str | None,
+def train(data: str, data_root: Path | None, synthetic_images: int | None, synthetic_size: tuple[int, int] | None,
+          preset: str, aug: str | None, detector: str | None,
           detector_weights: str | None, metric: str | None, threshold: str | None, no_ood: bool, replay: str | None,
           no_compile: bool, tensorboard: bool, resume: str | None, device: str | None, json_path: Path | None,
           markdown_path: Path | None, **dino: Any) -> None:
@@ -93,6 +98,15 @@ def train(data: str, data_root: Path | None, preset: str, aug: str | None, detec
     overrides.update({k: v for k, v in dict(aug=aug, detector=detector, detector_weights=detector_weights,
                                              metric=metric, threshold=threshold).items() if v is not None})
     overrides.update(data=data, data_root=str(data_root) if data_root else None)
+    spec = {}
+    if synthetic_images:
+        spec["num_images"] = synthetic_images
+    if synthetic_size:
+        spec["width"], spec["height"] = synthetic_size
+    if spec:
+        if data != "synthetic":
+            raise click.UsageError("--synthetic-images / --synthetic-size apply to --data synthetic only")
+        overrides["synthetic_spec"] = spec
     if no_ood and replay:
         raise click.UsageError("--no-ood and --replay exclude each other")
     if no_ood:

@@ -16,7 +16,7 @@ from oodfast.train.checkpoint import CheckpointError, load_checkpoint
 from oodfast.train.config import TrainConfig
 from oodfast.train.trainer import Trainer, TrainingDiverged
 
-SPEC = dict(num_images=64, seed=3, width=128, height=72)
+SPEC = dict(num_images=64, seed=0, width=128, height=72)
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +183,45 @@ def test_tensorboard_option(data_root, tmp_path):
         return
     Trainer(tiny(data_root, tmp_path / "tb", tensorboard=True, max_steps=2), progress=False).train()
     assert any((tmp_path / "tb" / "tb").iterdir())
+
+
+def test_frozen_detector_mode_scores_with_the_given_weights(data_root, tmp_path):
+    """The paper's setup: a separate frozen ResNet-50 loaded from a state dict flags before the forward."""
+    torch.manual_seed(0)
+    weights = tmp_path / "r50.pth"
+    torch.save(models.resnet50().state_dict(), weights)
+    t = Trainer(tiny(data_root, tmp_path / "frozen", detector="frozen", detector_weights=str(weights), max_steps=3),
+                progress=False)
+    t.train()
+    assert t.encoder is not None and t.detector.dim == 2048
+    assert not any(p.requires_grad for p in t.encoder.parameters())
+    assert t.ring.is_full() and torch.isfinite(t.detector.threshold)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes(data_root, tmp_path):
+    """SIGKILL mid-run, then --resume: the run continues from the last epoch checkpoint and finishes."""
+    import signal
+    import subprocess
+    import sys
+    import time as _time
+
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "oodfast.cli", "train", "--data", "synthetic", "--data-root", data_root,
+            "--preset", "cpu", "--arch", "resnet18", "--out_dim", "64", "--global-size", "32", "--local-size", "16",
+            "--local_crops_number", "2", "--batch_size_per_gpu", "4", "--epochs", "3", "--epoch-length", "16",
+            "--buffer-size", "2", "--calib-size", "8", "--no-compile", "--output_dir", str(out),
+            "--synthetic-images", "64", "--synthetic-size", "128x72"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = _time.time() + 300
+    while not (out / "checkpoint.pth").exists() and _time.time() < deadline and proc.poll() is None:
+        _time.sleep(0.2)
+    assert (out / "checkpoint.pth").exists(), proc.stderr.read() if proc.poll() is not None else "timeout"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_at_kill = load_checkpoint(out / "checkpoint.pth")["step"]
+    assert step_at_kill < 12
+    done = subprocess.run(args + ["--resume", str(out / "checkpoint.pth")], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert load_checkpoint(out / "checkpoint.pth")["step"] == 12

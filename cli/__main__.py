@@ -1,0 +1,5 @@
+"""python -m oodfast.cli"""
+
+from oodfast.cli import main
+
+main()
