@@ -7,6 +7,7 @@ import logging
 import click
 
 from oodfast import __version__
+from oodfast.cli.bench import bench
 from oodfast.cli.data import data
 from oodfast.cli.train import train
 
@@ -20,5 +21,6 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+main.add_command(bench)
 main.add_command(data)
 main.add_command(train)

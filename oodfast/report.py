@@ -16,7 +16,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
     def cell(v: Any) -> str:
         if isinstance(v, float):
-            v = f"{v:.4g}"
+            v = f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
         return str(v).replace("|", "\\|").replace("\n", " ")
 
     numeric = [all(isinstance(r[i], (int, float)) for r in rows) if rows else False for i in range(len(headers))]

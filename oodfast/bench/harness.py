@@ -1,0 +1,109 @@
+"""Timing and environment facts shared by ``oodfast bench`` and the benchmarks/ suites.
+
+Every measured path runs ``warmup`` times untimed (compilation, autotuning, caches), then ``repeats``
+timed runs, each synchronised with the device before and after; a row reports the median with the
+10th-90th percentile spread. Compile time is reported apart from the steady state.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    """Seconds per call: median and the 10th / 90th percentiles of ``repeats`` timed calls."""
+
+    median_s: float
+    p10_s: float
+    p90_s: float
+    repeats: int
+    first_call_s: float  # the first (warm-up) call: includes compilation where there is any
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device | str, *, warmup: int = 2, repeats: int = 10) -> Timing:
+    """Time ``fn`` (device-synchronised around every call)."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    first = time.perf_counter() - start
+    for _ in range(max(warmup - 1, 0)):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    t = np.asarray(times)
+    return Timing(float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90)), repeats, first)
+
+
+def copy_bandwidth_gbps(device: torch.device | str, nbytes: int = 1 << 30) -> float:
+    """Achieved GB/s (read + write) of a device-to-device copy: the practical memory-bandwidth limit."""
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, warmup=3, repeats=10)
+    return 2 * src.numel() * src.element_size() / t.median_s / 1e9
+
+
+def peak_memory_gib(device: torch.device | str) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if torch.device(device).type == "cuda" else None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device | str) -> dict[str, Any]:
+    """Device name, driver, library versions, git SHA and date: what a committed report must carry."""
+    dev = torch.device(device)
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "device_type": dev.type,
+        "cpu_count": __import__("os").cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "dali": _version("nvidia-dali-cuda130"),
+        "oodfast": _version("oodfast"),
+    }
+    if dev.type == "cuda":
+        info["cuda"] = torch.version.cuda
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            info["driver"] = None
+    try:
+        root = Path(__file__).resolve().parents[2]
+        info["git_sha"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                         timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["git_sha"] = None
+    return info

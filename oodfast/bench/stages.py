@@ -1,0 +1,264 @@
+"""The stages of ``oodfast bench``: each measures the reference path and oodfast's in the same run.
+
+A stage returns rows (dicts) with ``stage``, ``case``, ``path``, ``images_per_s`` (or rows/s), ``us_per_call``
+with its spread, ``speedup`` over the stage's reference path, and where it applies the share of a
+physical limit (``limit``: HBM copy bandwidth for scoring; decode-only for augmentation; step-only
+for end-to-end training). One image = all its crops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oodfast.bench.harness import Timing, copy_bandwidth_gbps, peak_memory_gib, time_fn
+
+Row = dict[str, Any]
+
+
+def _row(stage: str, case: str, path: str, t: Timing, items: int, device: torch.device, **extra: Any) -> Row:
+    return {"stage": stage, "case": case, "path": path, "items_per_s": items / t.median_s,
+            "us_per_call": t.median_s * 1e6, "us_p10": t.p10_s * 1e6, "us_p90": t.p90_s * 1e6,
+            "first_call_s": t.first_call_s, "peak_mem_gib": peak_memory_gib(device), **extra}
+
+
+def _per_call(row: Row, calls: int) -> Row:
+    """Express a row timed over ``calls`` steps (an epoch) per step, spread included."""
+    for key in ("us_per_call", "us_p10", "us_p90"):
+        row[key] /= calls
+    return row
+
+
+def _speedups(rows: list[Row], reference: str) -> list[Row]:
+    """Add ``speedup`` over the row of path ``reference`` in the same case."""
+    base = {r["case"]: r["us_per_call"] for r in rows if r["path"] == reference}
+    for r in rows:
+        if r["case"] in base:
+            r["speedup"] = base[r["case"]] / r["us_per_call"]
+    return rows
+
+
+# ---- detect: the seed's scipy loop vs the torch reference vs the fused kernel ----------------------
+
+def bench_detect(device: torch.device, quick: bool) -> list[Row]:
+    from oodfast.detect import DetectorConfig, RareDetector
+    from oodfast.kernels.knn_score import knn_score_reference
+    from oodfast.kernels.rare_enqueue import rare_score_reference
+    from oodfast.seed import _euclidean
+
+    gpu = device.type == "cuda"
+    D = 2048
+    sizes = ([1024, 65536] if quick else [256, 1024, 8192, 65536]) if gpu else ([1024] if quick else [256, 1024])
+    metrics = ["euclidean", "mahalanobis"] if quick else ["euclidean", "cosine", "mahalanobis", "knn"]
+    dtype = torch.bfloat16 if gpu else torch.float32
+    bandwidth = copy_bandwidth_gbps(device) if gpu else None
+    repeats = 20 if gpu else 5
+    rows: list[Row] = []
+    for metric in metrics:
+        torch.manual_seed(0)
+        det = RareDetector(D, DetectorConfig(metric=metric), device=device)
+        det.fit(torch.randn(100_000 if (metric == "knn" and gpu) else 1024, D, device=device))
+        for B in sizes:
+            case = f"{metric} B={B} D={D}"
+            x = torch.randn(B, D, device=device, dtype=dtype)
+            out = torch.empty(B, device=device)
+            paths: list[tuple[str, Callable[[], Any]]] = []
+            if metric == "euclidean" and B <= 1024:
+                mean = det.center.unsqueeze(0)
+                paths.append(("seed (scipy loop)", lambda x=x, mean=mean: [_euclidean(r, mean) for r in x]))
+            if metric == "knn":
+                paths.append(("torch", lambda x=x, det=det: knn_score_reference(x, det.bank, det.config.knn_k)))
+            else:
+                paths.append(("torch", lambda x=x, det=det: rare_score_reference(
+                    x, det.center, det.proj, det.coef, det.alpha, det.metric_id)))
+            if gpu:
+                paths.append(("fused (Triton)", lambda x=x, det=det, out=out: det.score(x, out=out)))
+            for name, fn in paths:
+                t = time_fn(fn, device, warmup=3, repeats=3 if name.startswith("seed") else repeats)
+                gbps = B * D * x.element_size() / t.median_s / 1e9
+                rows.append(_row("detect", case, name, t, B, device, gbps=gbps,
+                                 limit=gbps / bandwidth if bandwidth else None))
+    return _speedups(rows, "seed (scipy loop)") if any(r["path"].startswith("seed") for r in rows) else rows
+
+
+# ---- ring: the seed's deque of view lists + stack/cat vs RareRing ------------------------------------
+
+def bench_ring(device: torch.device, quick: bool) -> list[Row]:
+    from oodfast.buffer import RareRing
+    from oodfast.detect import DetectorConfig, RareDetector
+    from oodfast.seed import SeedMemoryBuffer
+
+    gpu = device.type == "cuda"
+    B, C, flagged = (256 if gpu else (16 if quick else 32)), 32, 8
+    dtype = torch.bfloat16 if gpu else torch.float32
+    views = [torch.randn(B, 3, 224, 224, device=device, dtype=dtype) for _ in range(2)] + \
+            [torch.randn(B, 3, 96, 96, device=device, dtype=dtype) for _ in range(6)]
+    case = f"B={B} C={C} flagged={flagged}"
+
+    seed_buf = SeedMemoryBuffer(C)
+    for k in range(C):
+        seed_buf.add([v[k % B] for v in views])
+
+    def seed_step():
+        for i in range(flagged):
+            seed_buf.add([v[i] for v in views])
+        return seed_buf.concat_with_batch(views)
+
+    ring = RareRing.for_multicrop(C, batch_size=B, dtype=dtype, device=device)
+    det = RareDetector(1, DetectorConfig(), device=device)
+    det.fit(torch.arange(100, dtype=torch.float32, device=device).unsqueeze(1))
+    emb = torch.zeros(B, 1, device=device)
+    emb[:flagged] = 1e3
+    ids, step = torch.arange(B, device=device), torch.zeros((), dtype=torch.int64, device=device)
+    scores, slots = torch.empty(B, device=device), torch.empty(B, dtype=torch.int32, device=device)
+    ring.stage(views)
+
+    def ring_step():
+        det.enqueue(emb, ring, ids, step, scores=scores, slots=slots)
+        ring.write(slots)
+        return ring.views()
+
+    repeats = 20 if gpu else 5
+    rows = [_row("ring", case, "seed (deque + stack/cat)", time_fn(seed_step, device, repeats=repeats), B, device),
+            _row("ring", case, "RareRing (enqueue + ring_copy)", time_fn(ring_step, device, repeats=repeats), B, device)]
+    return _speedups(rows, "seed (deque + stack/cat)")
+
+
+# ---- step and train: eager vs compiled DINO step; end to end vs step-only ---------------------------
+
+def bench_step(device: torch.device, quick: bool, workdir: Path) -> list[Row]:
+    from oodfast.train.config import TrainConfig
+    from oodfast.train.trainer import Trainer
+
+    gpu = device.type == "cuda"
+
+    def config(**overrides: Any) -> TrainConfig:
+        if gpu:
+            return TrainConfig.paper(batch_size_per_gpu=64, epochs=1, epoch_length=64 * (10 if quick else 40),
+                                     output_dir=str(workdir / "step"), **overrides)
+        return TrainConfig.cpu(batch_size_per_gpu=8, epochs=1, epoch_length=8 * 6, calib_size=16, buffer_size=4,
+                               output_dir=str(workdir / "step"), **overrides)
+
+    def ready(trainer: Trainer) -> Trainer:
+        trainer.calibrate()
+        trainer.warm_up()
+        batch = next(iter(trainer.loader))
+        trainer._stage(batch.views, batch.index)
+        return trainer
+
+    def one_step(t: Trainer) -> None:
+        t.schedules.write_(0, t.sched)
+        if t.encoder is not None:
+            t._pre()
+        loss, feats = t._forward(t.sched.teacher_temp)
+        t.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t.optimizer.step()
+        t._post(feats, t.sched.momentum)
+
+    rows: list[Row] = []
+    repeats = 10 if gpu else 3
+    for name, overrides in (("eager", dict(compile=False)), ("compiled", dict(compile=True)),
+                            ("compiled, random replay", dict(compile=True, replay="random"))):
+        t = ready(Trainer(config(**overrides), device=device, progress=False))
+        case = f"{t.cfg.arch} B={t.B}+C={t.cfg.buffer_size}"
+        rows.append(_row("step", case, name, time_fn(lambda t=t: one_step(t), device, repeats=repeats), t.B, device))
+    _speedups(rows, "eager")
+    step_only = next(r for r in rows if r["path"] == "compiled")
+    replay = next(r for r in rows if r["path"] == "compiled, random replay")
+    step_only["ood_overhead"] = step_only["us_per_call"] / replay["us_per_call"] - 1  # detection at equal rows
+
+    t = Trainer(config(compile=True), device=device, progress=False)
+    t.calibrate()
+    t.warm_up()
+    t.resumed = True
+
+    def epoch() -> None:
+        t.step = 0
+        t.train()
+
+    timing = time_fn(epoch, device, warmup=1, repeats=2)
+    images = t.steps_per_epoch * t.B
+    end_to_end = _per_call(_row("train", step_only["case"], "end to end (loader + step)", timing, images, device),
+                           t.steps_per_epoch)  # per step, comparable with the step rows
+    end_to_end["limit"] = step_only["us_per_call"] / end_to_end["us_per_call"]  # share of step-only throughput
+    return rows + [end_to_end]
+
+
+# ---- aug: the seed's PIL path vs DALI vs torchvision, decode-only as the limit ----------------------
+
+def bench_aug(device: torch.device, quick: bool, workdir: Path) -> list[Row]:
+    from oodfast.data.discover import discover
+    from oodfast.data.multicrop import MultiCropConfig, multicrop_loader
+    from oodfast.data.synthdrive import ensure_synthdrive
+
+    gpu = device.type == "cuda"
+    spec = dict(num_images=128 if quick else 512, seed=0, width=640 if quick and not gpu else 1280,
+                height=360 if quick and not gpu else 720)
+    root = ensure_synthdrive(workdir / "aug-data", progress=False, **spec)
+    files = discover("bdd10k", root, "train", use_default_list=False)
+    B = 32 if gpu else 16
+    cfg = MultiCropConfig.dino()
+    rows: list[Row] = []
+    backends = ["reference", "dali"] + (["torch"] if gpu else [])
+    for backend in backends:
+        loader = multicrop_loader(files, cfg, B, device=device, seed=0, backend=backend)
+
+        def epoch(loader=loader) -> None:
+            for batch in loader:
+                batch.views[-1].sum()
+
+        timing = time_fn(epoch, device, warmup=1, repeats=2 if not quick else 1)
+        images = len(loader) * B
+        name = {"reference": "seed (PIL + DataLoader)", "dali": f"DALI {device.type}", "torch": "torchvision"}[backend]
+        rows.append(_per_call(_row("aug", f"{spec['width']}x{spec['height']} JPEG, 2x224 + 6x96, batch {B}", name,
+                                   timing, images, device), len(loader)))
+    decode = _decode_only(files.images, B, device)
+    for r in rows:
+        r["limit"] = r["items_per_s"] / decode
+        r["decode_only_images_per_s"] = decode
+    return _speedups(rows, "seed (PIL + DataLoader)")
+
+
+def _decode_only(paths: list[Path], batch_size: int, device: torch.device) -> float:
+    """Images/s of DALI decoding alone (the same decoder placement as the pipeline)."""
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def, types
+
+    data = [np.fromfile(p, dtype=np.uint8) for p in paths]
+    n = len(data) // batch_size * batch_size
+    gpu = device.type == "cuda"
+
+    @pipeline_def(batch_size=batch_size, num_threads=max(1, (__import__("os").cpu_count() or 1)),
+                  device_id=device.index or 0 if gpu else None)
+    def decode():
+        raw = fn.external_source(source=lambda info: data[info.iteration * batch_size % n:][:batch_size],
+                                 batch=True, batch_info=True, dtype=types.UINT8)
+        return fn.decoders.image(raw, device="mixed" if gpu else "cpu")
+
+    pipe = decode()
+    pipe.build()
+    steps = n // batch_size
+    timing = time_fn(lambda: [pipe.run() for _ in range(steps)], device, warmup=1, repeats=2)
+    return steps * batch_size / timing.median_s
+
+
+STAGES: dict[str, Callable[..., list[Row]]] = {
+    "aug": bench_aug, "detect": bench_detect, "ring": bench_ring, "step": bench_step,
+}
+#: ``train`` (end to end vs step-only) is measured by the step stage, which needs its compiled step.
+ALIASES = {"train": "step"}
+
+
+def run_stage(name: str, device: torch.device, quick: bool, workdir: Path | None = None) -> list[Row]:
+    """Run one stage; ``aug`` and ``step`` work in ``workdir`` (a temporary folder by default)."""
+    fn = STAGES[ALIASES.get(name, name)]
+    if fn not in (bench_aug, bench_step):
+        return fn(device, quick)
+    with (contextlib.nullcontext(str(workdir)) if workdir else tempfile.TemporaryDirectory()) as w:
+        return fn(device, quick, Path(w))
