@@ -20,6 +20,7 @@ import os
 import pytest
 import torch
 
+from oodfast.bench.harness import copy_bandwidth_gbps, sync
 from oodfast.detect import DetectorConfig, RareDetector
 from oodfast.kernels.rare_enqueue import rare_score_reference
 from oodfast.seed import _euclidean
@@ -31,28 +32,10 @@ D = 2048
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 
 
-def sync() -> None:
-    if ON_GPU:
-        torch.cuda.synchronize()
-
-
 @pytest.fixture(scope="module")
 def copy_bandwidth() -> float | None:
-    """GB/s of a device-to-device copy of 1 GiB (read + write), the practical HBM limit."""
-    if not ON_GPU:
-        return None
-    src = torch.empty(1 << 29, dtype=torch.float16, device=DEVICE)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    sync()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    sync()
-    return 2 * src.numel() * src.element_size() * 10 / (start.elapsed_time(end) / 1e3) / 1e9
+    """GB/s of a device-to-device copy (read + write), the practical HBM limit; GPU only."""
+    return copy_bandwidth_gbps(DEVICE) if ON_GPU else None
 
 
 def fitted(metric: str) -> RareDetector:
@@ -66,7 +49,7 @@ def fitted(metric: str) -> RareDetector:
 def run(benchmark, fn, B: int, bandwidth: float | None) -> None:
     def timed():
         fn()
-        sync()
+        sync(DEVICE)
 
     benchmark.pedantic(timed, rounds=20 if B <= 8192 else 10, warmup_rounds=3)
     seconds = benchmark.stats.stats.median

@@ -24,6 +24,8 @@ import time
 import pytest
 import torch
 
+from oodfast.bench.harness import sync
+from oodfast.bench.stages import prepared_trainer, train_step
 from oodfast.train.config import TrainConfig
 from oodfast.train.trainer import Trainer
 
@@ -37,31 +39,6 @@ def config(tmp_path, **overrides) -> TrainConfig:
                                  output_dir=str(tmp_path), **overrides)
     return TrainConfig.cpu(batch_size_per_gpu=8, epochs=1, epoch_length=8 * 12, calib_size=16, buffer_size=4,
                            output_dir=str(tmp_path), **overrides)
-
-
-def sync() -> None:
-    if ON_GPU:
-        torch.cuda.synchronize()
-
-
-def ready(trainer: Trainer) -> Trainer:
-    trainer.calibrate()
-    trainer.warm_up()
-    batch = next(iter(trainer.loader))
-    trainer._stage(batch.views, batch.index)
-    return trainer
-
-
-def one_step(t: Trainer) -> None:
-    t.schedules.write_(0, t.sched)
-    if t.encoder is not None:
-        t._pre()
-    loss, feats = t._forward(t.sched.teacher_temp)
-    t.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    t.optimizer.step()
-    t._post(feats, t.sched.momentum)
-    sync()
 
 
 def measure(benchmark, trainer: Trainer, fn) -> None:
@@ -79,9 +56,9 @@ def measure(benchmark, trainer: Trainer, fn) -> None:
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_step(benchmark, tmp_path, compiled):
-    trainer = ready(Trainer(config(tmp_path, compile=compiled), device=DEVICE, progress=False))
+    trainer = prepared_trainer(Trainer(config(tmp_path, compile=compiled), device=DEVICE, progress=False))
     benchmark.group = "step"
-    measure(benchmark, trainer, lambda: one_step(trainer))
+    measure(benchmark, trainer, lambda: (train_step(trainer), sync(DEVICE)))
 
 
 # Detection overhead at equal rows: random replay (B + C rows, no scoring) vs the teacher detector
@@ -89,9 +66,9 @@ def test_step(benchmark, tmp_path, compiled):
 @pytest.mark.parametrize("replay, detector", [("none", "teacher"), ("random", "teacher"), ("ood", "teacher")],
                          ids=["plain-dino", "random-replay", "teacher-detector"])
 def test_ood_overhead(benchmark, tmp_path, replay, detector):
-    trainer = ready(Trainer(config(tmp_path, replay=replay, detector=detector), device=DEVICE, progress=False))
+    trainer = prepared_trainer(Trainer(config(tmp_path, replay=replay, detector=detector), device=DEVICE, progress=False))
     benchmark.group = "ood overhead"
-    measure(benchmark, trainer, lambda: one_step(trainer))
+    measure(benchmark, trainer, lambda: (train_step(trainer), sync(DEVICE)))
 
 
 def test_end_to_end(benchmark, tmp_path):
@@ -105,7 +82,7 @@ def test_end_to_end(benchmark, tmp_path):
     def epoch():
         trainer.step = 0
         trainer.train()
-        sync()
+        sync(DEVICE)
 
     benchmark.group = "train"
     start = time.perf_counter()

@@ -89,17 +89,48 @@ def bench_detect(device: torch.device, quick: bool) -> list[Row]:
 # ---- ring: the seed's deque of view lists + stack/cat vs RareRing ------------------------------------
 
 def bench_ring(device: torch.device, quick: bool) -> list[Row]:
+    gpu = device.type == "cuda"
+    B, C, flagged = (256 if gpu else (16 if quick else 32)), 32, 8
+    seed_step, ring_step = ring_case(device, B, C, flagged, torch.bfloat16 if gpu else torch.float32)
+    case = f"B={B} C={C} flagged={flagged}"
+    repeats = 20 if gpu else 5
+    rows = [_row("ring", case, "seed (deque + stack/cat)", time_fn(seed_step, device, repeats=repeats), B, device),
+            _row("ring", case, "RareRing (enqueue + ring_copy)", time_fn(ring_step, device, repeats=repeats), B, device)]
+    return _speedups(rows, "seed (deque + stack/cat)")
+
+
+# ---- step and train: eager vs compiled DINO step; end to end vs step-only ---------------------------
+
+def prepared_trainer(trainer: Any) -> Any:
+    """Calibrate, warm the buffer up and stage one batch: ready for :func:`train_step` (no loader)."""
+    trainer.calibrate()
+    trainer.warm_up()
+    batch = next(iter(trainer.loader))
+    trainer._stage(batch.views, batch.index)
+    return trainer
+
+
+def train_step(t: Any) -> None:
+    """One full step on the staged batch: (pre-step), forward + loss, backward, AdamW, post-step."""
+    t.schedules.write_(0, t.sched)
+    if t.encoder is not None:
+        t._pre()
+    loss, feats = t._forward(t.sched.teacher_temp)
+    t.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    t.optimizer.step()
+    t._post(feats, t.sched.momentum)
+
+
+def ring_case(device: torch.device, B: int, C: int, flagged: int, dtype: torch.dtype):
+    """(seed_step, ring_step): one step of the seed's deque buffer and of RareRing on the same batch of
+    B images x 8 views, ``flagged`` of them rare; both buffers start full."""
     from oodfast.buffer import RareRing
     from oodfast.detect import DetectorConfig, RareDetector
     from oodfast.seed import SeedMemoryBuffer
 
-    gpu = device.type == "cuda"
-    B, C, flagged = (256 if gpu else (16 if quick else 32)), 32, 8
-    dtype = torch.bfloat16 if gpu else torch.float32
     views = [torch.randn(B, 3, 224, 224, device=device, dtype=dtype) for _ in range(2)] + \
             [torch.randn(B, 3, 96, 96, device=device, dtype=dtype) for _ in range(6)]
-    case = f"B={B} C={C} flagged={flagged}"
-
     seed_buf = SeedMemoryBuffer(C)
     for k in range(C):
         seed_buf.add([v[k % B] for v in views])
@@ -113,7 +144,7 @@ def bench_ring(device: torch.device, quick: bool) -> list[Row]:
     det = RareDetector(1, DetectorConfig(), device=device)
     det.fit(torch.arange(100, dtype=torch.float32, device=device).unsqueeze(1))
     emb = torch.zeros(B, 1, device=device)
-    emb[:flagged] = 1e3
+    emb[:flagged] = 1e3  # exactly `flagged` rows above the threshold
     ids, step = torch.arange(B, device=device), torch.zeros((), dtype=torch.int64, device=device)
     scores, slots = torch.empty(B, device=device), torch.empty(B, dtype=torch.int32, device=device)
     ring.stage(views)
@@ -123,13 +154,8 @@ def bench_ring(device: torch.device, quick: bool) -> list[Row]:
         ring.write(slots)
         return ring.views()
 
-    repeats = 20 if gpu else 5
-    rows = [_row("ring", case, "seed (deque + stack/cat)", time_fn(seed_step, device, repeats=repeats), B, device),
-            _row("ring", case, "RareRing (enqueue + ring_copy)", time_fn(ring_step, device, repeats=repeats), B, device)]
-    return _speedups(rows, "seed (deque + stack/cat)")
+    return seed_step, ring_step
 
-
-# ---- step and train: eager vs compiled DINO step; end to end vs step-only ---------------------------
 
 def bench_step(device: torch.device, quick: bool, workdir: Path) -> list[Row]:
     from oodfast.train.config import TrainConfig
@@ -144,30 +170,13 @@ def bench_step(device: torch.device, quick: bool, workdir: Path) -> list[Row]:
         return TrainConfig.cpu(batch_size_per_gpu=8, epochs=1, epoch_length=8 * 6, calib_size=16, buffer_size=4,
                                output_dir=str(workdir / "step"), **overrides)
 
-    def ready(trainer: Trainer) -> Trainer:
-        trainer.calibrate()
-        trainer.warm_up()
-        batch = next(iter(trainer.loader))
-        trainer._stage(batch.views, batch.index)
-        return trainer
-
-    def one_step(t: Trainer) -> None:
-        t.schedules.write_(0, t.sched)
-        if t.encoder is not None:
-            t._pre()
-        loss, feats = t._forward(t.sched.teacher_temp)
-        t.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        t.optimizer.step()
-        t._post(feats, t.sched.momentum)
-
     rows: list[Row] = []
     repeats = 10 if gpu else 3
     for name, overrides in (("eager", dict(compile=False)), ("compiled", dict(compile=True)),
                             ("compiled, random replay", dict(compile=True, replay="random"))):
-        t = ready(Trainer(config(**overrides), device=device, progress=False))
+        t = prepared_trainer(Trainer(config(**overrides), device=device, progress=False))
         case = f"{t.cfg.arch} B={t.B}+C={t.cfg.buffer_size}"
-        rows.append(_row("step", case, name, time_fn(lambda t=t: one_step(t), device, repeats=repeats), t.B, device))
+        rows.append(_row("step", case, name, time_fn(lambda t=t: train_step(t), device, repeats=repeats), t.B, device))
     _speedups(rows, "eager")
     step_only = next(r for r in rows if r["path"] == "compiled")
     replay = next(r for r in rows if r["path"] == "compiled, random replay")
