@@ -52,3 +52,20 @@ def test_markdown_has_one_table_per_stage():
                         "us_p10": 4.0, "us_p90": 6.0, "speedup": 2.0, "limit": None, "peak_mem_gib": None}]}
     text = report_markdown(report)
     assert "## ring" in text and "2.00x" in text and "| c | p |" in text
+
+
+def test_plot_or_a_clear_error(tmp_path: Path):
+    from oodfast.bench import plot_report
+
+    report = {"environment": {"device": "cpu"}, "rows": [
+        {"stage": "ring", "case": "c", "path": "p", "speedup": 3.0}]}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match=r"pip install 'oodfast\[plot\]'"):
+            plot_report(report, tmp_path / "b.png")
+        result = CliRunner().invoke(main, ["bench", "--stages", "ring", "--plot", str(tmp_path / "b.png")])
+        assert result.exit_code != 0 and "matplotlib" in result.output  # refused before measuring
+        return
+    plot_report(report, tmp_path / "b.png")
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
