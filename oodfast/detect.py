@@ -278,8 +278,9 @@ class RandomDetector(nn.Module):
         self.rate = rate
         self.register_buffer("threshold", torch.tensor(1.0 - rate, device=device))
         self.register_buffer("flag_rate", torch.tensor(rate, device=device))
+        # The "score" metric reads no statistics; these placeholders only satisfy the op's signature.
         z = dict(device=device)
-        self._unused = (torch.zeros(1, **z), torch.zeros(0, 1, **z), torch.zeros(0, **z), torch.ones((), **z))
+        self._no_stats = (torch.zeros(1, **z), torch.zeros(0, 1, **z), torch.zeros(0, **z), torch.ones((), **z))
 
     def enqueue(self, x: torch.Tensor, ring: RareRing, sample_ids: torch.Tensor, step: torch.Tensor,
                 *, scores: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,7 +289,7 @@ class RandomDetector(nn.Module):
         scores = torch.empty(B, dtype=torch.float32, device=x.device) if scores is None else scores
         slots = torch.empty(B, dtype=torch.int32, device=x.device) if slots is None else slots
         random_scores = torch.rand(B, 1, device=x.device)
-        center, proj, coef, alpha = self._unused
+        center, proj, coef, alpha = self._no_stats
         rare_enqueue(random_scores, center, proj, coef, alpha, self.threshold, sample_ids, step, scores, slots,
                      ring.ring_ids, ring.ring_scores, ring.ring_steps, ring.state, ring.scratch, SCORE)
         with torch.no_grad():

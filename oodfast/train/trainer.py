@@ -161,7 +161,6 @@ class Trainer:
                     metric=cfg.metric, percentile=cfg.ood_percentile, online=cfg.threshold == "online"),
                     device=self.device)
         C = cfg.buffer_size if cfg.uses_ring else 0
-        self._views: list[torch.Tensor] | None = None
         self._staging: list[torch.Tensor] = []
         if self.ring is None:  # plain DINO: persistent batch tensors without a ring
             self._staging = [torch.zeros(self.B, 3, s, s, dtype=self.crops.torch_dtype(self.device), device=self.device)
