@@ -1,0 +1,1 @@
+"""``oodfast evaluate``: detection quality against mask ground truth, and representation probes."""
