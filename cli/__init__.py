@@ -9,6 +9,7 @@ import click
 from oodfast import __version__
 from oodfast.cli.bench import bench
 from oodfast.cli.data import data
+from oodfast.cli.evaluate import evaluate
 from oodfast.cli.train import train
 
 
@@ -23,4 +24,5 @@ def main(verbose: int) -> None:
 
 main.add_command(bench)
 main.add_command(data)
+main.add_command(evaluate)
 main.add_command(train)

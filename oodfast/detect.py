@@ -183,6 +183,8 @@ class RareDetector(nn.Module):
             from oodfast.kernels.knn_score import knn_score
 
             scores = knn_score(x, self.bank, self.config.knn_k + 1)
+        elif metric == "mahalanobis":
+            scores = self._cross_fitted_mahalanobis(x)
         else:
             scores = rare_score(x, self.center, self.proj, self.coef, self.alpha, self.metric_id)
         self.threshold.fill_(float(torch.nanquantile(scores, self.config.percentile)))
@@ -190,6 +192,27 @@ class RareDetector(nn.Module):
         self.spread.fill_(float((q90 - q10).clamp_min(1e-6)))
         self.flag_rate.fill_(self.config.rate)
         self.fitted.fill_(True)
+        return scores
+
+    def _cross_fitted_mahalanobis(self, x: torch.Tensor, folds: int = 5) -> torch.Tensor:
+        """Out-of-fold calibration scores: each fold scored with statistics fitted without it.
+
+        With fewer calibration images than dimensions (256 in 2048), the calibration set lies in the
+        span of its own principal axes, where the shrinkage precision is smallest: in-sample scores
+        are biased low, and a threshold set on them flags almost every new image. Scoring each fold
+        with statistics from the other folds removes that bias (the final statistics use all images).
+        """
+        n = x.shape[0]
+        folds = max(2, min(folds, n // 2))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(x.device)
+        scores = torch.empty(n, dtype=torch.float32, device=x.device)
+        for part in order.tensor_split(folds):
+            keep = torch.ones(n, dtype=torch.bool, device=x.device)
+            keep[part] = False
+            mu, alpha, proj, coef, _ = ledoit_wolf(x[keep])
+            f32 = dict(dtype=torch.float32, device=x.device)
+            scores[part] = rare_score(x[part].contiguous(), mu.to(**f32), proj.to(**f32).contiguous(),
+                                      coef.to(**f32), alpha.to(**f32).reshape(()), self.metric_id)
         return scores
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -933,3 +933,33 @@ def load_encoder(
 def _frozen(model: nn.Module, device: str | torch.device) -> nn.Module:
     model.requires_grad_(False)
     return model.eval().to(device)
+
+
+def representation_markdown(report: dict[str, Any], title: str = "Representation quality") -> str:
+    """The report as markdown: per task, kNN and the linear probe (mean [95% interval] over seeds)."""
+    from oodfast.report import markdown_table
+
+    def fmt(entry: Any) -> str:
+        if entry is None:
+            return "-"
+        if isinstance(entry, dict) and "mean" in entry:
+            if entry["mean"] is None:
+                return "-"
+            if entry.get("low") is None:
+                return f"{entry['mean']:.4f}"
+            return f"{entry['mean']:.4f} [{entry['low']:.3f}, {entry['high']:.3f}]"
+        return f"{entry:.4f}" if isinstance(entry, float) else str(entry)
+
+    text = f"# {title}\n\nBands: {report.get('band_rule', '')}\n"
+    for task in ("dominant", "rare_present"):
+        if task not in report:
+            continue
+        res = report[task]
+        rows = []
+        for key, value in sorted(res["linear"].items()):
+            group, _, metric = key.partition(".")
+            knn_value = res["knn"].get(group, {}).get(metric) if isinstance(res["knn"].get(group), dict) \
+                else res["knn"].get(key, res["knn"].get(metric))
+            rows.append((key, fmt(knn_value), fmt(value)))
+        text += f"\n## {task}\n\n" + markdown_table(["metric", f"kNN (k={res['knn_k']})", "linear probe"], rows)
+    return text
