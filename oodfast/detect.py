@@ -126,6 +126,7 @@ class RareDetector(nn.Module):
         self.register_buffer("spread", torch.ones((), **f32))
         self.register_buffer("flag_rate", torch.full((), self.config.rate, **f32))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool, device=device))
+        self._fitted = False  # host mirror of ``fitted``: checking it must not synchronise with the device
         self._knn_scores = torch.zeros(0, **f32)  # scratch for knn scores, reused between calls
 
     @property
@@ -192,6 +193,7 @@ class RareDetector(nn.Module):
         self.spread.fill_(float((q90 - q10).clamp_min(1e-6)))
         self.flag_rate.fill_(self.config.rate)
         self.fitted.fill_(True)
+        self._fitted = True
         return scores
 
     def _cross_fitted_mahalanobis(self, x: torch.Tensor, folds: int = 5) -> torch.Tensor:
@@ -221,11 +223,13 @@ class RareDetector(nn.Module):
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.center.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "fitted" in state_dict:
+            self._fitted = bool(state_dict[prefix + "fitted"])  # once, at load time
 
     # ---- scoring and enqueueing --------------------------------------------------------------
 
     def _check_fitted(self) -> None:
-        if not torch.compiler.is_compiling() and not bool(self.fitted):
+        if not self._fitted:
             raise RuntimeError("RareDetector is not calibrated: call fit(calibration_embeddings) first")
 
     def score(self, x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
