@@ -72,8 +72,9 @@ def _dino_options(fn):
 @click.option("--threshold", type=click.Choice(["fixed", "online"]), default=None,
               help="online: adapt the threshold on the device to hold the calibrated flag rate.")
 @click.option("--no-ood", is_flag=True, help="Plain DINO: no buffer (ablation).")
-@click.option("--replay", type=click.Choice(["ood", "random"]), default=None,
-              help="random: a buffer of randomly chosen images (ablation: replay without detection).")
+@click.option("--replay", type=click.Choice(["ood", "random", "oracle"]), default=None,
+              help="random: a buffer of randomly chosen images (replay without detection); oracle: images that "
+                   "truly hold rare objects, from the masks (the upper bound; needs BDD10K-layout masks).")
 @click.option("--no-compile", is_flag=True, help="Run the step eagerly (no torch.compile).")
 @click.option("--tensorboard", is_flag=True, help="Also log the scalars to TensorBoard (output_dir/tb; extra 'tensorboard').")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Checkpoint to continue from.")

@@ -290,35 +290,64 @@ class RareDetector(nn.Module):
         return f"dim={self.dim}, metric={c.metric}, percentile={c.percentile}, online={c.online}"
 
 
-class RandomDetector(nn.Module):
-    """The replay ablation: flags each image with probability ``rate``, whatever its embedding.
+class ScoreDetector(nn.Module):
+    """Flags images whose given score exceeds a fixed threshold, through the same fused enqueue as
+    :class:`RareDetector` (metric ``score``). The ablations are built on it, so they differ from the
+    OOD run only in which images enter the buffer:
 
-    It enqueues through the same fused op as :class:`RareDetector` (a uniform random score against
-    the threshold ``1 - rate``), so a run with ``--replay random`` differs from the OOD run only in
-    which images enter the buffer: the effect of detection can be told from the effect of replay.
+    * :class:`RandomDetector`: uniform random scores (replay without detection);
+    * :class:`OracleDetector`: the true rare-pixel share of each image (the best a detector could do).
     """
 
-    def __init__(self, rate: float, *, device: torch.device | str | None = None) -> None:
+    def __init__(self, threshold: float, rate: float, *, device: torch.device | str | None = None) -> None:
         super().__init__()
-        if not 0.0 < rate < 1.0:
-            raise ValueError(f"rate must be in (0, 1), got {rate}")
-        self.rate = rate
-        self.register_buffer("threshold", torch.tensor(1.0 - rate, device=device))
-        self.register_buffer("flag_rate", torch.tensor(rate, device=device))
+        self.register_buffer("threshold", torch.tensor(float(threshold), device=device))
+        self.register_buffer("flag_rate", torch.tensor(float(rate), device=device))
         # The "score" metric reads no statistics; these placeholders only satisfy the op's signature.
         z = dict(device=device)
         self._no_stats = (torch.zeros(1, **z), torch.zeros(0, 1, **z), torch.zeros(0, **z), torch.ones((), **z))
 
+    def scores_for(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 [B, 1] scores for the batch ``x`` stands for ([B, ...] or [V, B, ...])."""
+        raise NotImplementedError
+
     def enqueue(self, x: torch.Tensor, ring: RareRing, sample_ids: torch.Tensor, step: torch.Tensor,
                 *, scores: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """As :meth:`RareDetector.enqueue`; ``x`` only sets the batch size and device."""
+        """As :meth:`RareDetector.enqueue`, with :meth:`scores_for` as the score."""
         B = x.shape[-2]
         scores = torch.empty(B, dtype=torch.float32, device=x.device) if scores is None else scores
         slots = torch.empty(B, dtype=torch.int32, device=x.device) if slots is None else slots
-        random_scores = torch.rand(B, 1, device=x.device)
         center, proj, coef, alpha = self._no_stats
-        rare_enqueue(random_scores, center, proj, coef, alpha, self.threshold, sample_ids, step, scores, slots,
+        rare_enqueue(self.scores_for(x), center, proj, coef, alpha, self.threshold, sample_ids, step, scores, slots,
                      ring.ring_ids, ring.ring_scores, ring.ring_steps, ring.state, ring.scratch, SCORE)
         with torch.no_grad():
             self.flag_rate.lerp_((scores > self.threshold).float().mean(), 0.01)
         return scores, slots
+
+
+class RandomDetector(ScoreDetector):
+    """The replay ablation: flags each image with probability ``rate``, whatever its embedding (a
+    uniform random score against the threshold ``1 - rate``)."""
+
+    def __init__(self, rate: float, *, device: torch.device | str | None = None) -> None:
+        if not 0.0 < rate < 1.0:
+            raise ValueError(f"rate must be in (0, 1), got {rate}")
+        super().__init__(1.0 - rate, rate, device=device)
+        self.rate = rate
+
+    def scores_for(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.rand(x.shape[-2], 1, device=x.device)
+
+
+class OracleDetector(ScoreDetector):
+    """The upper bound: flags an image when the rare-pixel share of either global crop, read from the
+    masks, reaches ``tau``. The caller writes the shares of the staged batch into :attr:`shares`."""
+
+    def __init__(self, batch_size: int, tau: float, rate: float, *, device: torch.device | str | None = None) -> None:
+        super().__init__(tau, rate, device=device)
+        # share >= tau flags, the op compares score > threshold: nudge the threshold below tau.
+        self.threshold.copy_(torch.nextafter(self.threshold, torch.zeros_like(self.threshold)))
+        self.register_buffer("shares", torch.zeros(batch_size, 1, device=device), persistent=False)
+
+    def scores_for(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shares

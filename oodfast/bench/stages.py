@@ -106,7 +106,7 @@ def prepared_trainer(trainer: Any) -> Any:
     trainer.calibrate()
     trainer.warm_up()
     batch = next(iter(trainer.loader))
-    trainer._stage(batch.views, batch.index)
+    trainer._stage(batch.views, batch.index, batch.boxes)
     return trainer
 
 

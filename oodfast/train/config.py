@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DETECTOR_MODES = ("teacher", "frozen")
-REPLAY_MODES = ("ood", "random", "none")
+REPLAY_MODES = ("ood", "random", "oracle", "none")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,9 @@ class TrainConfig:
     ``freeze_last_layer``.
 
     OOD replay (the paper): ``replay`` (ood = the detector fills the buffer; random = a buffer of
-    randomly chosen images, the ablation that separates detection from replay; none = plain DINO),
+    randomly chosen images, the ablation that separates detection from replay; oracle = images whose
+    global crops truly hold rare-class pixels, read from the masks: the upper bound of detection;
+    none = plain DINO),
     ``buffer_size`` (C), ``detector`` (teacher = reuse the teacher's embedding of the global crops;
     frozen = a separate frozen encoder from ``detector_weights``), ``metric``, ``calib_size`` /
     ``calib_frac``, ``ood_percentile``, ``threshold`` (fixed | online).

@@ -31,12 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch import nn
 
 from oodfast.buffer import RareRing
+from oodfast.data.crops import DEFAULT_RARE_TAU, rare_shares
 from oodfast.data.discover import discover
 from oodfast.data.multicrop import MultiCropConfig, multicrop_loader
-from oodfast.detect import DetectorConfig, RandomDetector, RareDetector
+from oodfast.detect import DetectorConfig, OracleDetector, RandomDetector, RareDetector, ScoreDetector
 from oodfast.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from oodfast.train.config import TrainConfig
 from oodfast.train.ema import ema_update_
@@ -91,7 +93,8 @@ class Trainer:
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if (self.on_cuda and cfg.bf16) else contextlib.nullcontext()
 
         # ============ data ============
-        self.files = discover(cfg.data, cfg.data_root, cfg.split, synthetic=cfg.synthetic_spec or None)
+        self.files = discover(cfg.data, cfg.data_root, cfg.split, synthetic=cfg.synthetic_spec or None,
+                              require_masks=cfg.replay == "oracle")
         self.crops = MultiCropConfig.dino(
             global_size=cfg.global_size, local_size=cfg.local_size, global_scale=tuple(cfg.global_crops_scale),
             local_scale=tuple(cfg.local_crops_scale), n_local=cfg.local_crops_number,
@@ -133,7 +136,7 @@ class Trainer:
 
         # ============ the OOD replay buffer ============
         self.ring: RareRing | None = None
-        self.detector: RareDetector | RandomDetector | None = None
+        self.detector: RareDetector | ScoreDetector | None = None
         self.encoder: nn.Module | None = None
         if cfg.uses_ring:
             self.ring = RareRing.for_multicrop(
@@ -142,6 +145,8 @@ class Trainer:
                 device=self.device)
             if cfg.replay == "random":
                 self.detector = RandomDetector(1.0 - cfg.ood_percentile, device=self.device)
+            elif cfg.replay == "oracle":
+                self.detector = OracleDetector(self.B, DEFAULT_RARE_TAU, 1.0 - cfg.ood_percentile, device=self.device)
             else:
                 dim = self.embed_dim
                 if cfg.detector == "frozen":
@@ -197,7 +202,14 @@ class Trainer:
         """The B + C rows per view the model sees (persistent tensors)."""
         return self.ring.views() if self.ring is not None else self._staging
 
-    def _stage(self, views: list[torch.Tensor], index: torch.Tensor) -> None:
+    def _stage(self, views: list[torch.Tensor], index: torch.Tensor, boxes: torch.Tensor | None = None) -> None:
+        """Copy a loader batch into the persistent rows (and, for the oracle, its true rare shares)."""
+        if isinstance(self.detector, OracleDetector):
+            if boxes is None:
+                raise ValueError("the oracle replay needs the batch's crop boxes")
+            shares = [rare_shares(np.asarray(Image.open(self.files.masks[int(i)])), b.numpy()).max()
+                      for i, b in zip(index, boxes[:, :2])]
+            self.detector.shares.copy_(torch.tensor(shares, dtype=torch.float32).unsqueeze(1), non_blocking=True)
         if self.ring is not None:
             self.ring.stage(views)
         else:
@@ -236,7 +248,7 @@ class Trainer:
         with torch.no_grad():
             ema_update_(list(self.teacher.parameters()), list(self.student.parameters()), momentum)
             if self.ring is not None and self.encoder is None:
-                # Teacher detector (or random replay): the teacher's embeddings of the staged rows.
+                # Teacher detector (random / oracle replay ignore it): the teacher's embeddings of the staged rows.
                 emb = teacher_feats.float().view(2, self.rows, -1)[:, : self.B]
                 self.detector.enqueue(emb, self.ring, self._ids, self._step_t, scores=self._scores, slots=self._slots)
                 self.ring.write(self._slots)
@@ -274,7 +286,7 @@ class Trainer:
         for batch in self._loader(self.files, self.cfg.seed + 2, self.cfg.epoch_length):
             if self.ring.is_full():
                 break
-            self._stage(batch.views, batch.index)
+            self._stage(batch.views, batch.index, batch.boxes)
             emb = self._embed_globals(self.views()[:2])
             self.detector.enqueue(emb, self.ring, self._ids, self._step_t, scores=self._scores, slots=self._slots)
             self.ring.write(self._slots)
@@ -284,7 +296,7 @@ class Trainer:
             filler = RandomDetector(0.5, device=self.device)
             while not self.ring.is_full():
                 for batch in self._loader(self.files, self.cfg.seed + 3, None):
-                    self._stage(batch.views, batch.index)
+                    self._stage(batch.views, batch.index, batch.boxes)
                     filler.enqueue(self._scores.unsqueeze(1), self.ring, self._ids, self._step_t,
                                    scores=self._scores, slots=self._slots)
                     self.ring.write(self._slots)
@@ -323,7 +335,7 @@ class Trainer:
                 if self.step >= total:
                     break
                 t0 = time.perf_counter()
-                self._stage(batch.views, batch.index)
+                self._stage(batch.views, batch.index, batch.boxes)
                 self.schedules.write_(self.step, self.sched)
                 self._step_t.fill_(self.step)
                 if self.encoder is not None:
