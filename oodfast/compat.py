@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision import models
 from torchvision.transforms import functional as TF
 
 from oodfast.buffer import RareRing
 from oodfast.detect import DetectorConfig, RareDetector
+from oodfast.encoders import load_encoder
 
 log = logging.getLogger(__name__)
 
@@ -47,42 +47,23 @@ DINO_WEIGHTS_HELP = (
 
 
 def load_resnet50_trunk(weights_path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """A torchvision ResNet-50 without its classifier (outputs [N, 2048]), loaded from ``weights_path``.
+    """A frozen torchvision ResNet-50 without its classifier (outputs [N, 2048]) from ``weights_path``.
 
     Accepts a plain torchvision/DINO ResNet-50 state dict (e.g. ``dino_resnet50_pretrain.pth``) or a
-    DINO training checkpoint, whose ``teacher`` backbone is used. Loaded with
-    ``torch.load(weights_only=True)``: a file that would execute code is refused.
+    DINO training checkpoint, whose ``teacher`` backbone is used (:func:`oodfast.encoders.load_encoder`).
+    Loaded with ``torch.load(weights_only=True)``: a file that would execute code is refused.
 
     Raises:
         FileNotFoundError: no file at ``weights_path`` (the message says where to get one).
-        ValueError: the file holds no ResNet-50 weights.
+        ValueError: the file is unsafe or holds no ResNet-50 weights.
     """
     path = Path(weights_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no weights file at {path}; {DINO_WEIGHTS_HELP}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError for code-executing pickles, RuntimeError for junk
-        raise ValueError(f"{path} could not be loaded safely as a weights file ({type(e).__name__}: {e}); "
-                         "it must be a plain state dict or a DINO checkpoint") from None
-    state = ckpt.get("teacher", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds {type(ckpt).__name__}, not a state dict")
-    cleaned = {}
-    for k, v in state.items():
-        for prefix in ("module.", "backbone.", "_orig_mod."):
-            k = k.removeprefix(prefix)
-        if not k.startswith(("head.", "fc.")):
-            cleaned[k] = v
-    model = models.resnet50()
-    model.fc = nn.Identity()
-    missing, unexpected = model.load_state_dict(cleaned, strict=False)
-    if missing:
-        raise ValueError(f"{path} is not a ResNet-50 state dict: {len(missing)} weights missing "
-                         f"(first: {missing[:3]}); {DINO_WEIGHTS_HELP}")
-    if unexpected:
-        log.warning("ignoring %d unexpected keys in %s (first: %s)", len(unexpected), path, unexpected[:3])
-    return model.to(device).eval()
+        return load_encoder(path, "resnet50", device)
+    except ValueError as e:
+        raise ValueError(f"{e}; {DINO_WEIGHTS_HELP}") from None
 
 
 class OODDetector:

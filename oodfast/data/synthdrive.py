@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from oodfast.data.classes import CLASS_IDS, CLASS_NAMES, IGNORE_ID, RARE_CLASS_IDS
+from oodfast.data.classes import CLASS_NAMES, IGNORE_ID, RARE_CLASS_IDS
 from oodfast.data.crops import DEFAULT_RARE_TAU, GLOBAL_SCALE, rare_shares, sample_resized_crop_boxes
 from oodfast.fileio import atomic_write_text
 

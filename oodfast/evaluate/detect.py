@@ -98,7 +98,7 @@ def embed_global_crops(encoder: nn.Module, files: DatasetFiles, *, n_images: int
     cfg = MultiCropConfig.bdd10k(n_local=0, global_size=crop_size)
     bs = max(1, min(batch_size, n))
     loader = multicrop_loader(images, cfg, bs, device=device, seed=seed, backend="dali", num_shards=1, shard_id=0)
-    feats, rare, shares = [], [], []
+    feats, shares = [], []
     for batch in loader:
         views = [v.to(device) for v in batch.views[:2]]
         out = encoder(torch.cat(views).float())

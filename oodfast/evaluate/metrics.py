@@ -20,7 +20,6 @@ def binary_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
     tp = float(np.sum(pred & target))
     fp = float(np.sum(pred & ~target))
     fn = float(np.sum(~pred & target))
-    n = float(pred.size)
     precision = tp / (tp + fp) if tp + fp else float("nan")
     recall = tp / (tp + fn) if tp + fn else float("nan")
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else float("nan")

@@ -39,6 +39,7 @@ from torch import nn
 from oodfast.data.classes import CLASS_IDS, CLASS_NAMES, IGNORE_ID, NUM_CLASSES, RARE_CLASS_IDS
 from oodfast.data.crops import CROP_RATIO, DEFAULT_RARE_TAU, sample_resized_crop_boxes
 from oodfast.data.discover import DatasetFiles
+from oodfast.encoders import load_encoder
 
 log = logging.getLogger(__name__)
 
@@ -827,112 +828,6 @@ def evaluate_representation(
                 for s in seeds]
         results[task] = {"knn": score(knn), "knn_k": k_used, "linear": _summarise(runs, confidence)}
     return results
-
-
-# --------------------------------------------------------------------------------------------------
-# Encoders
-# --------------------------------------------------------------------------------------------------
-
-
-def _backbone_state(state: Mapping[str, Any], source: Path) -> dict[str, torch.Tensor]:
-    """``backbone.*`` entries of a teacher/student state dict (prefixes stripped), or a bare backbone's."""
-    clean: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key[len(prefix):] if key.startswith(prefix) else key
-        clean[key] = value
-    if any(k.startswith("backbone.") for k in clean):
-        return {k[len("backbone."):]: v for k, v in clean.items() if k.startswith("backbone.")}
-    if any(k.startswith("head.") for k in clean):
-        raise ValueError(f"{source}: the state dict has head.* but no backbone.* keys; it is not a DINO teacher/student")
-    return clean
-
-
-def load_encoder(
-    source: str | os.PathLike[str],
-    arch: str = "resnet50",
-    device: str | torch.device = "cpu",
-    *,
-    checkpoint_key: str = "teacher",
-    seed: int = 0,
-) -> nn.Module:
-    """A frozen backbone (eval mode, no gradients) mapping [B, 3, H, W] to features [B, D].
-
-    Args:
-        source: ``"random"`` for a randomly initialised ``arch`` (the no-pretraining baseline; its
-            initialisation is seeded by ``seed`` and does not touch the global RNG), or a path to
-            (a) an oodfast / facebookresearch/dino training checkpoint: the ``checkpoint_key``
-            (``teacher``) state dict's ``backbone.*`` keys are loaded (``module.`` / ``_orig_mod.``
-            prefixes stripped); or (b) a plain backbone state dict, e.g. DINO's released
-            ``dino_resnet50_pretrain.pth`` (a torchvision ``fc`` is ignored). Loading is
-            ``weights_only`` (no code runs).
-        arch: torchvision backbone name (:func:`oodfast.train.head.build_backbone`).
-        device: where the module goes.
-        checkpoint_key: which network of a training checkpoint (``teacher`` or ``student``).
-
-    Raises:
-        ValueError (``CheckpointError`` for unreadable files): a missing file, an unknown arch, a
-        checkpoint without ``checkpoint_key``, or weights that do not fit ``arch`` (the message
-        names the missing, unexpected and mis-shaped keys).
-    """
-    from oodfast.train.checkpoint import CheckpointError, load_checkpoint
-    from oodfast.train.head import build_backbone
-
-    if str(source) == "random":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model, _ = build_backbone(arch)
-        return _frozen(model, device)
-
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise ValueError(f"encoder source {path} does not exist; pass an oodfast/DINO checkpoint "
-                         f"(e.g. OUTPUT_DIR/checkpoint.pth from `oodfast train`), DINO backbone weights, or 'random'")
-    model, _ = build_backbone(arch)
-    try:
-        ckpt = load_checkpoint(path)
-    except CheckpointError as e:
-        if "is not a DINO/oodfast training checkpoint" not in str(e):
-            raise
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # loads: load_checkpoint just did
-        if not isinstance(ckpt, Mapping):
-            raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a state dict or checkpoint") from None
-        if checkpoint_key in ckpt and isinstance(ckpt[checkpoint_key], Mapping):
-            state = ckpt[checkpoint_key]
-        elif all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-            state = ckpt
-        else:
-            raise ValueError(f"{path} is neither a training checkpoint with a {checkpoint_key!r} entry nor a plain "
-                             f"state dict of tensors (top-level keys: {sorted(map(str, ckpt))[:8]})") from None
-    else:
-        if checkpoint_key not in ckpt:
-            raise ValueError(f"checkpoint {path} has no {checkpoint_key!r} entry (keys: {sorted(ckpt)})")
-        state = ckpt[checkpoint_key]
-    weights = _backbone_state(state, path)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(k for k in set(weights) - set(expected) if not k.startswith("fc."))
-    shapes = sorted(k for k in set(expected) & set(weights) if tuple(expected[k].shape) != tuple(weights[k].shape))
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (first: {', '.join(missing[:5])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:5])})")
-        if shapes:
-            parts.append("mis-shaped: " + ", ".join(
-                f"{k} {tuple(weights[k].shape)} vs {tuple(expected[k].shape)}" for k in shapes[:5]))
-        trained = ckpt.get("args", {}).get("arch") if isinstance(ckpt.get("args"), Mapping) else None
-        hint = f" (the checkpoint says arch {trained!r})" if trained else " (its args['arch'])"
-        raise ValueError(f"weights in {path} do not fit arch {arch!r}: " + "; ".join(parts) +
-                         f". Pass the arch the checkpoint was trained with{hint}")
-    model.load_state_dict({k: weights[k] for k in expected}, strict=True)
-    return _frozen(model, device)
-
-
-def _frozen(model: nn.Module, device: str | torch.device) -> nn.Module:
-    model.requires_grad_(False)
-    return model.eval().to(device)
 
 
 def representation_markdown(report: dict[str, Any], title: str = "Representation quality") -> str:

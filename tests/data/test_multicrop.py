@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 from scipy import stats
 from torchvision import transforms
-from torchvision.transforms import InterpolationMode
 
 from oodfast.data.discover import discover
 from oodfast.data.multicrop import (
