@@ -8,6 +8,7 @@ timed runs, each synchronised with the device before and after; a row reports th
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 import time
@@ -86,7 +87,7 @@ def environment(device: torch.device | str) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "device_type": dev.type,
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _version("triton"),

@@ -9,6 +9,7 @@ for end-to-end training). One image = all its crops.
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -243,8 +244,8 @@ def _decode_only(paths: list[Path], batch_size: int, device: torch.device) -> fl
     n = len(data) // batch_size * batch_size
     gpu = device.type == "cuda"
 
-    @pipeline_def(batch_size=batch_size, num_threads=max(1, (__import__("os").cpu_count() or 1)),
-                  device_id=device.index or 0 if gpu else None)
+    @pipeline_def(batch_size=batch_size, num_threads=max(1, os.cpu_count() or 1),
+                  device_id=(device.index or 0) if gpu else None)
     def decode():
         raw = fn.external_source(source=lambda info: data[info.iteration * batch_size % n:][:batch_size],
                                  batch=True, batch_info=True, dtype=types.UINT8)
