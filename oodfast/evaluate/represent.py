@@ -12,12 +12,15 @@ module measures it on any BDD10K-layout dataset with segmentation masks (synthdr
    in the box, ignore pixels excluded) and rare presence (rare-class pixel share >= tau, the same
    ground truth as ``oodfast evaluate detect``).
 3. Frozen features (:func:`extract_features`): the encoder in eval mode under ``torch.inference_mode``.
-4. Probes: DINO's weighted kNN (:func:`knn_classify`, k = 20, T = 0.07, as ``eval_knn.py``) and a
-   linear probe (:func:`linear_probe`) trained on standardised train-split features, evaluated on
-   the test split, for both tasks.
+4. Probes: DINO's weighted kNN (:func:`knn_votes` / :func:`knn_classify`, k = 20, T = 0.07, as
+   ``eval_knn.py``) and a linear probe (:func:`linear_probe_logits`) trained on standardised
+   train-split features, evaluated on the test split, for both tasks. The dominant-class probe is
+   plain cross-entropy (DINO's linear evaluation); the rare-presence probe is class-balanced, since
+   at a prevalence near 12% an unweighted probe answers "absent" everywhere.
 5. Accuracy overall and for head / middle / tail classes by pixel frequency
-   (:func:`frequency_bands`, :func:`per_band_accuracy`); accuracy and balanced accuracy for rare
-   presence (:func:`binary_accuracy`); means and 95% t-intervals over the linear probe's seeds
+   (:func:`frequency_bands`, :func:`per_band_accuracy`); for rare presence accuracy, balanced
+   accuracy and the threshold-free AUROC of the kNN vote share and of the probe's logit margin
+   (:func:`binary_accuracy`); means and 95% t-intervals over the linear probe's seeds
    (:func:`evaluate_representation`).
 """
 
@@ -54,7 +57,9 @@ __all__ = [
     "extract_features",
     "frequency_bands",
     "knn_classify",
+    "knn_votes",
     "linear_probe",
+    "linear_probe_logits",
     "load_encoder",
     "mean_interval",
     "per_band_accuracy",
@@ -441,7 +446,7 @@ def _check_labels(labels: torch.Tensor, n: int, name: str, num_classes: int | No
 
 
 @torch.no_grad()
-def knn_classify(
+def knn_votes(
     train_feats: torch.Tensor | np.ndarray,
     train_labels: torch.Tensor | np.ndarray,
     test_feats: torch.Tensor | np.ndarray,
@@ -452,11 +457,12 @@ def knn_classify(
     chunk_size: int = 1024,
     device: str | torch.device | None = None,
 ) -> np.ndarray:
-    """DINO's weighted k-nearest-neighbour classifier (facebookresearch/dino ``eval_knn.py``).
+    """DINO's weighted k-nearest-neighbour votes (facebookresearch/dino ``eval_knn.py``), as shares.
 
     Features are L2-normalised; for each test row the ``k`` train rows of highest cosine similarity
-    vote for their class with weight ``exp(sim / T)``; the prediction is the class with the largest
-    summed vote (ties: the lowest class ID; DINO's unstable sort leaves ties unspecified).
+    vote for their class with weight ``exp(sim / T)``. The votes of each row are divided by their
+    sum, so row ``i``'s entry ``c`` is the weighted share of neighbours of class ``c``: a score in
+    [0, 1] for threshold-free metrics (AUROC of a binary task). :func:`knn_classify` is its argmax.
 
     Args:
         train_feats: [N, D] float features.
@@ -469,7 +475,7 @@ def knn_classify(
         device: where to compute (default: the device of ``train_feats``, CPU for numpy).
 
     Returns:
-        int64 [M] predicted class IDs.
+        float32 [M, num_classes] vote shares; each row sums to 1.
     """
     train = _as_tensor(train_feats, "train_feats", torch.float32, 2)
     train = train.to(torch.device(device) if device is not None else train.device)
@@ -486,23 +492,43 @@ def knn_classify(
         raise ValueError(f"T must be > 0, got {T}")
     train = F.normalize(train, dim=1, p=2)
     test = F.normalize(test, dim=1, p=2)
-    preds = []
+    shares = []
     for start in range(0, test.shape[0], chunk_size):
         sim = test[start:start + chunk_size] @ train.T  # [m, N]
         top_sim, top_idx = sim.topk(k, dim=1, largest=True, sorted=True)
-        weights = (top_sim / T).exp()  # exp(sim / T) in [exp(-1/T), exp(1/T)]: finite for T >= 0.012
-        if not bool(torch.isfinite(weights).all()):
-            # Very small T overflows float32; subtracting the row max leaves every ratio unchanged.
-            weights = ((top_sim - top_sim[:, :1]) / T).exp()
+        # exp((sim - max) / T): the largest weight is 1, so no T overflows float32, and every ratio
+        # (hence DINO's argmax and the shares) is that of exp(sim / T).
+        weights = ((top_sim - top_sim[:, :1]) / T).exp()
         votes = torch.zeros(top_idx.shape[0], n_classes, dtype=torch.float32, device=train.device)
         votes.scatter_add_(1, labels[top_idx], weights)
-        preds.append(votes.argmax(dim=1))
-    if not preds:
-        return np.zeros(0, dtype=np.int64)
-    return torch.cat(preds).cpu().numpy().astype(np.int64)
+        shares.append(votes / votes.sum(dim=1, keepdim=True))
+    if not shares:
+        return np.zeros((0, n_classes), dtype=np.float32)
+    return torch.cat(shares).cpu().numpy()
 
 
-def linear_probe(
+def knn_classify(
+    train_feats: torch.Tensor | np.ndarray,
+    train_labels: torch.Tensor | np.ndarray,
+    test_feats: torch.Tensor | np.ndarray,
+    k: int = 20,
+    T: float = 0.07,
+    num_classes: int | None = None,
+    *,
+    chunk_size: int = 1024,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
+    """DINO's weighted k-nearest-neighbour classifier: the class with the largest summed vote of
+    :func:`knn_votes` (ties: the lowest class ID; DINO's unstable sort leaves ties unspecified).
+
+    Returns:
+        int64 [M] predicted class IDs.
+    """
+    votes = knn_votes(train_feats, train_labels, test_feats, k, T, num_classes, chunk_size=chunk_size, device=device)
+    return votes.argmax(axis=1).astype(np.int64)
+
+
+def linear_probe_logits(
     train_feats: torch.Tensor | np.ndarray,
     train_labels: torch.Tensor | np.ndarray,
     test_feats: torch.Tensor | np.ndarray,
@@ -513,9 +539,11 @@ def linear_probe(
     seed: int = 0,
     batch_size: int = 1024,
     num_classes: int | None = None,
+    class_weight: str | None = None,
     device: str | torch.device | None = None,
 ) -> np.ndarray:
-    """A multinomial logistic regression on frozen, standardised features, trained with AdamW.
+    """A multinomial logistic regression on frozen, standardised features, trained with AdamW;
+    returns the test rows' logits (:func:`linear_probe` takes their argmax).
 
     Features are standardised with the train split's per-dimension mean and standard deviation
     (dimensions with zero spread are centred only). One ``nn.Linear(D, C)`` is trained with
@@ -523,14 +551,20 @@ def linear_probe(
     ``epochs`` passes of shuffled mini-batches of ``batch_size`` rows. The initialisation and the
     shuffles draw from a generator seeded by ``seed``: same inputs and seed, same predictions.
 
+    ``class_weight="balanced"`` weights each class's loss by ``N / (C_present * N_c)`` (scikit-learn's
+    "balanced"), so every class present in the train labels carries the same total weight. Use it
+    for imbalanced tasks: at a prevalence of 12% the unweighted probe's best constant answer is
+    "absent", and its argmax then says nothing about the features.
+
     Args:
         train_feats: [N, D] float features; train_labels: [N] int class IDs >= 0.
         test_feats: [M, D] float features.
         num_classes: number of classes (default: max train label + 1).
+        class_weight: None (plain cross-entropy, DINO's linear evaluation) or ``"balanced"``.
         device: where to train (default: the device of ``train_feats``, CPU for numpy).
 
     Returns:
-        int64 [M] predicted class IDs.
+        float32 [M, num_classes] logits of the test rows.
     """
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if value < 1:
@@ -539,6 +573,8 @@ def linear_probe(
         raise ValueError(f"lr must be > 0, got {lr}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if class_weight not in (None, "balanced"):
+        raise ValueError(f"class_weight must be None or 'balanced', got {class_weight!r}")
     train = _as_tensor(train_feats, "train_feats", torch.float32, 2)
     dev = torch.device(device) if device is not None else train.device
     train = train.to(dev)
@@ -564,6 +600,12 @@ def linear_probe(
         layer.bias.zero_()
     layer = layer.to(dev)
     opt = torch.optim.AdamW(layer.parameters(), lr=lr, weight_decay=weight_decay)
+    weight = None
+    if class_weight == "balanced":
+        counts = torch.bincount(labels, minlength=n_classes).to(torch.float32)
+        present = counts > 0
+        weight = torch.where(present, labels.numel() / (present.sum() * counts.clamp_min(1.0)),
+                             torch.zeros_like(counts))
     n = x_train.shape[0]
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
@@ -575,7 +617,7 @@ def linear_probe(
                 idx = order[start:start + batch_size]
                 for group in opt.param_groups:
                     group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
-                loss = F.cross_entropy(layer(x_train[idx]), labels[idx])
+                loss = F.cross_entropy(layer(x_train[idx]), labels[idx], weight=weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -583,7 +625,20 @@ def linear_probe(
     if not math.isfinite(float(loss.detach())):
         raise ValueError(f"linear probe diverged (loss {float(loss)}); lower lr (got {lr})")
     with torch.no_grad():
-        return layer(x_test).argmax(dim=1).cpu().numpy().astype(np.int64)
+        return layer(x_test).float().cpu().numpy()
+
+
+def linear_probe(
+    train_feats: torch.Tensor | np.ndarray,
+    train_labels: torch.Tensor | np.ndarray,
+    test_feats: torch.Tensor | np.ndarray,
+    **kwargs: Any,
+) -> np.ndarray:
+    """The linear probe's predicted classes: int64 [M], the argmax of :func:`linear_probe_logits`
+    (same arguments)."""
+    return linear_probe_logits(train_feats, train_labels, test_feats, **kwargs).argmax(axis=1).astype(np.int64)
+
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -638,28 +693,41 @@ def per_band_accuracy(
     return out
 
 
-def binary_accuracy(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> dict[str, Any]:
-    """Accuracy and balanced accuracy of a binary task (rare presence).
+def binary_accuracy(
+    pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor, scores: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Accuracy and balanced accuracy of a binary task (rare presence), and AUROC of a score.
 
     Balanced accuracy is the mean of the recalls of the classes present in ``target``
     ((TPR + TNR) / 2 when both are present; scikit-learn's definition). A constant predictor scores
-    0.5 whatever the prevalence.
+    0.5 whatever the prevalence. ``scores`` (higher = more likely positive; e.g. the kNN vote share
+    or the probe's logit margin) adds ``auroc``: threshold-free, so it measures how well the
+    features rank positives above negatives even where the argmax predicts one class everywhere.
 
     Returns:
         ``accuracy``, ``balanced_accuracy`` (None for empty input), ``n``, ``prevalence`` (share of
-        positive targets, None for empty input).
+        positive targets, None for empty input), and with ``scores`` ``auroc`` (None unless both
+        classes are present).
     """
     p = np.asarray(pred.cpu() if isinstance(pred, torch.Tensor) else pred).astype(bool).ravel()
     t = np.asarray(target.cpu() if isinstance(target, torch.Tensor) else target).astype(bool).ravel()
     if p.shape != t.shape:
         raise ValueError(f"pred and target must have the same length, got {p.shape[0]} and {t.shape[0]}")
     recalls = [float((p[t == c] == c).mean()) for c in (False, True) if np.any(t == c)]
-    return {
+    out: dict[str, Any] = {
         "accuracy": _mean_or_none(p == t),
         "balanced_accuracy": float(np.mean(recalls)) if recalls else None,
         "n": int(t.size),
         "prevalence": _mean_or_none(t.astype(np.float64)),
     }
+    if scores is not None:
+        from oodfast.evaluate.metrics import auroc
+
+        s = np.asarray(scores, dtype=np.float64).ravel()
+        if s.shape != t.shape:
+            raise ValueError(f"scores must have one entry per target, got {s.shape[0]} and {t.shape[0]}")
+        out["auroc"] = float(auroc(s, t)) if 0 < t.sum() < t.size else None
+    return out
 
 
 def mean_interval(
@@ -749,7 +817,8 @@ def evaluate_representation(
 
     Features of the train and test splits are extracted once (:func:`extract_features`, crop seed
     ``crop_seed``). Two tasks: ``dominant`` (19-way dominant class; crops whose pixels are all
-    ignore are dropped) and ``rare_present`` (binary). For each task: DINO's weighted kNN (k, T;
+    ignore are dropped) and ``rare_present`` (binary; the probe is class-balanced and AUROC is
+    reported beside the accuracies). For each task: DINO's weighted kNN (k, T;
     deterministic: one value, no interval) and the linear probe once per seed in ``seeds``,
     summarised as mean and a two-sided Student-t ``confidence`` interval over the seeds
     (:func:`mean_interval`, clipped to [0, 1]; None with a single seed). The interval covers the probe's optimisation
@@ -766,7 +835,8 @@ def evaluate_representation(
         ``dominant`` / ``rare_present``: ``knn`` (a metric dict: :func:`per_band_accuracy` for
         ``dominant``, :func:`binary_accuracy` for ``rare_present``) and ``linear`` (the same metric
         names flattened with dots, e.g. ``"tail.accuracy"``, each ``{mean, low, high, values, n}``;
-        counts stay plain ints), with ``knn_k`` (the k used: min(k, train rows)).
+        counts stay plain ints), with ``knn_k`` (the k used: min(k, train rows)) and
+        ``linear_class_weight`` (None or ``"balanced"``).
     """
     if not seeds:
         raise ValueError("seeds must name at least one linear-probe seed")
@@ -790,7 +860,8 @@ def evaluate_representation(
                    "scale": list(scale), "crop_seed": crop_seed, "rare_classes": [CLASS_NAMES[i] for i in rare],
                    "tau": tau, "k": k, "T": T, "probe_epochs": probe_epochs, "probe_lr": probe_lr,
                    "probe_weight_decay": probe_weight_decay, "probe_batch_size": probe_batch_size,
-                   "confidence": confidence, "interval": "student-t over linear-probe seeds"},
+                   "confidence": confidence, "interval": "student-t over linear-probe seeds",
+                   "probe_class_weight": {"dominant": None, "rare_present": "balanced"}},
         "band_rule": _BAND_RULE,
         "bands": {CLASS_NAMES[c]: b for c, b in bands.items()},
         "class_pixel_share": {CLASS_NAMES[c]: float(share[c]) for c in range(NUM_CLASSES)},
@@ -816,17 +887,24 @@ def evaluate_representation(
             raise ValueError(f"task {task}: no labelled crops in the {'train' if len(y_tr) == 0 else 'test'} "
                              "split (every crop is ignore pixels); check the masks")
 
-        def score(pred: np.ndarray, task: str = task, y_te: np.ndarray = y_te) -> dict[str, Any]:
-            return per_band_accuracy(pred, y_te, bands) if task == "dominant" else binary_accuracy(pred, y_te)
+        def score(out: np.ndarray, task: str = task, y_te: np.ndarray = y_te) -> dict[str, Any]:
+            """kNN vote shares or probe logits [M, C] -> the task's metrics."""
+            pred = out.argmax(axis=1)
+            if task == "dominant":
+                return per_band_accuracy(pred, y_te, bands)
+            return binary_accuracy(pred, y_te, scores=out[:, 1] - out[:, 0])
 
         k_used = min(k, len(y_tr))
         if k_used < k:
             log.warning("task %s: only %d train crops, kNN uses k=%d instead of %d", task, len(y_tr), k_used, k)
         say(f"{task}: kNN (k={k_used}, T={T}) and linear probe x {len(seeds)} seeds")
-        knn = knn_classify(x_tr, y_tr, x_te, k=k_used, T=T, num_classes=n_classes, device=device)
-        runs = [score(linear_probe(x_tr, y_tr, x_te, seed=int(s), num_classes=n_classes, **probe))  # type: ignore[arg-type]
+        knn = knn_votes(x_tr, y_tr, x_te, k=k_used, T=T, num_classes=n_classes, device=device)
+        weighting = None if task == "dominant" else "balanced"
+        runs = [score(linear_probe_logits(x_tr, y_tr, x_te, seed=int(s), num_classes=n_classes,  # type: ignore[arg-type]
+                                          class_weight=weighting, **probe))
                 for s in seeds]
-        results[task] = {"knn": score(knn), "knn_k": k_used, "linear": _summarise(runs, confidence)}
+        results[task] = {"knn": score(knn), "knn_k": k_used, "linear": _summarise(runs, confidence),
+                         "linear_class_weight": weighting}
     return results
 
 

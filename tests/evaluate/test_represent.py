@@ -19,7 +19,9 @@ from oodfast.evaluate.represent import (
     extract_features,
     frequency_bands,
     knn_classify,
+    knn_votes,
     linear_probe,
+    linear_probe_logits,
     load_encoder,
     mean_interval,
     per_band_accuracy,
@@ -206,6 +208,26 @@ def test_knn_temperature_weighting_decides_between_near_and_many() -> None:
     assert knn_classify(train * 100, labels, test * 0.01, k=3, T=0.07)[0] == 1
 
 
+def test_knn_votes_are_weighted_shares_and_their_argmax_is_the_classifier() -> None:
+    def unit(cos: float) -> list[float]:
+        return [cos, math.sqrt(1.0 - cos * cos)]
+
+    train = np.array([unit(0.9), unit(0.6), unit(0.3)], np.float32)
+    labels = np.array([1, 0, 0])
+    test = np.array([[1.0, 0.0]], np.float32)
+    votes = knn_votes(train, labels, test, k=3, T=0.5, num_classes=3)
+    w = np.exp(np.array([0.9, 0.6, 0.3]) / 0.5)
+    np.testing.assert_allclose(votes[0], [(w[1] + w[2]) / w.sum(), w[0] / w.sum(), 0.0], rtol=1e-5)
+    # A temperature that overflows exp(sim / T) in float32 still gives finite shares (all weight on the nearest).
+    np.testing.assert_allclose(knn_votes(train, labels, test, k=3, T=1e-3)[0], [0.0, 1.0], atol=1e-6)
+    rng = np.random.default_rng(3)
+    x, y, q = rng.normal(size=(50, 6)), rng.integers(0, 4, 50), rng.normal(size=(30, 6))
+    v = knn_votes(x, y, q, k=9, T=0.1, num_classes=4)
+    assert v.shape == (30, 4)
+    np.testing.assert_allclose(v.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(v.argmax(axis=1), knn_classify(x, y, q, k=9, T=0.1, num_classes=4))
+
+
 def test_knn_rejects_bad_arguments() -> None:
     x = np.ones((4, 3), np.float32)
     with pytest.raises(ValueError, match="k must lie"):
@@ -267,6 +289,31 @@ def test_linear_probe_seed_changes_the_model() -> None:
     assert not np.array_equal(a, b)
 
 
+def test_balanced_probe_finds_a_rare_class_the_plain_probe_ignores() -> None:
+    # 5% positives with a weak signal: plain cross-entropy's best answer is "negative" almost
+    # everywhere; the balanced loss trades accuracy for recall on the rare class.
+    rng = np.random.default_rng(11)
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = (rng.random(n) < 0.05).astype(np.int64)
+        x = rng.normal(size=(n, 8)).astype(np.float32)
+        x[:, 0] += 1.5 * y
+        return x, y
+
+    (x_tr, y_tr), (x_te, y_te) = sample(2000), sample(4000)
+    kw = dict(epochs=20, seed=0, batch_size=256)
+    plain = binary_accuracy(linear_probe(x_tr, y_tr, x_te, **kw), y_te)
+    logits = linear_probe_logits(x_tr, y_tr, x_te, class_weight="balanced", **kw)
+    assert logits.shape == (4000, 2) and logits.dtype == np.float32
+    balanced = binary_accuracy(logits.argmax(axis=1), y_te, scores=logits[:, 1] - logits[:, 0])
+    assert plain["balanced_accuracy"] < 0.6
+    assert balanced["balanced_accuracy"] > 0.7
+    # The Bayes AUROC of a 1.5-sigma shift is Phi(1.5 / sqrt(2)) = 0.856.
+    assert 0.8 < balanced["auroc"] < 0.9
+    np.testing.assert_array_equal(linear_probe(x_tr, y_tr, x_te, class_weight="balanced", **kw),
+                                  logits.argmax(axis=1))
+
+
 def test_linear_probe_rejects_bad_arguments() -> None:
     x, y = blobs(0, 20)
     with pytest.raises(ValueError, match="epochs"):
@@ -277,6 +324,8 @@ def test_linear_probe_rejects_bad_arguments() -> None:
         linear_probe(x, y, x, num_classes=2)
     with pytest.raises(ValueError, match="non-finite"):
         linear_probe(np.full_like(x, np.nan), y, x)
+    with pytest.raises(ValueError, match="class_weight"):
+        linear_probe(x, y, x, class_weight="inverse")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,6 +364,12 @@ def test_binary_accuracy_hand_computed() -> None:
     out = binary_accuracy(np.array([1, 0, 1, 0, 0]), np.array([1, 1, 0, 0, 0]))
     assert out["balanced_accuracy"] == pytest.approx((1 / 2 + 2 / 3) / 2)
     assert out["prevalence"] == pytest.approx(0.4)
+    # AUROC of a score: positives {0.9, 0.3} against negatives {0.1, 0.8} win 3 of 4 pairs.
+    out = binary_accuracy(np.zeros(4), np.array([1, 0, 0, 1]), scores=np.array([0.9, 0.1, 0.8, 0.3]))
+    assert out["auroc"] == pytest.approx(0.75) and out["balanced_accuracy"] == pytest.approx(0.5)
+    assert binary_accuracy(np.zeros(3), np.zeros(3), scores=np.arange(3.0))["auroc"] is None
+    with pytest.raises(ValueError, match="one entry per target"):
+        binary_accuracy(np.zeros(3), np.zeros(3), scores=np.arange(2.0))
 
 
 def test_mean_interval_student_t() -> None:
@@ -439,7 +494,9 @@ def test_evaluate_representation_end_to_end(tiny_synthdrive) -> None:  # noqa: A
     assert acc["n"] == 2 and len(acc["values"]) == 2
     assert acc["low"] <= acc["mean"] <= acc["high"] and 0.0 <= acc["low"] and acc["high"] <= 1.0
     assert acc["mean"] == pytest.approx(np.mean(acc["values"]))
-    assert set(rare["knn"]) == {"accuracy", "balanced_accuracy", "n", "prevalence"}
+    assert set(rare["knn"]) == {"accuracy", "balanced_accuracy", "n", "prevalence", "auroc"}
+    assert rare["linear_class_weight"] == "balanced" and dom["linear_class_weight"] is None
+    assert len(rare["linear"]["auroc"]["values"]) == 2
     assert rare["knn"]["n"] == res["n_test"]
     assert rare["knn"]["prevalence"] == pytest.approx(res["rare_prevalence"]["test"])
     assert 0.0 <= rare["linear"]["balanced_accuracy"]["mean"] <= 1.0
