@@ -1,4 +1,4 @@
-"""``oodfast evaluate {detect,represent}`` (thin wrappers over oodfast.evaluate)."""
+"""``oodfast evaluate {detect,represent,compare}`` (thin wrappers over oodfast.evaluate)."""
 
 from __future__ import annotations
 
@@ -108,4 +108,40 @@ def represent(device, data, data_root, arch, encoder_source, seeds, crops_per_im
         write_report(report, text, json_path=json_path, markdown_path=markdown_path)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
+    click.echo(text)
+
+
+@evaluate.command()
+@click.argument("arms", nargs=-1, required=True, metavar="LABEL=REPORT.json[,REPORT.json...] ...")
+@report_options
+def compare(arms, json_path, markdown_path) -> None:
+    """One table of `evaluate represent` reports: an arm per LABEL, several reports = pretraining seeds.
+
+    Example: oodfast evaluate compare none=runs/none/represent.json ood=runs/ood/represent.json
+    """
+    import json
+
+    from oodfast.evaluate.compare import compare_representations, comparison_markdown
+    from oodfast.report import write_report
+
+    parsed: dict[str, list[dict]] = {}
+    for arm in arms:
+        label, sep, paths = arm.partition("=")
+        if not sep or not label or not paths:
+            raise click.BadParameter(f"{arm!r} is not LABEL=REPORT.json[,REPORT.json...]", param_hint="ARMS")
+        reports = []
+        for path in (p for p in paths.split(",") if p):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    report = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise click.ClickException(f"arm {label}: cannot read report {path}: {e}") from None
+            if not isinstance(report, dict) or "dominant" not in report or "rare_present" not in report:
+                raise click.ClickException(f"arm {label}: {path} is not an `oodfast evaluate represent` JSON report "
+                                           "(no 'dominant'/'rare_present' sections)")
+            reports.append(report)
+        parsed.setdefault(label, []).extend(reports)
+    comparison = compare_representations(parsed)
+    text = comparison_markdown(comparison)
+    write_report(comparison, text, json_path=json_path, markdown_path=markdown_path)
     click.echo(text)

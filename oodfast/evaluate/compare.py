@@ -1,0 +1,118 @@
+"""One table comparing encoders: ``oodfast evaluate represent`` reports side by side.
+
+The question the paper left open is a comparison: does a teacher trained with OOD replay represent
+rare content better than plain DINO, random replay or an oracle buffer? :func:`compare_representations`
+reads one or more representation reports per arm (one per pretraining seed) and puts the headline
+metrics of every arm in one table. With one report per arm a linear-probe cell carries the interval
+over probe seeds from that report (optimisation noise only); with several reports per arm every cell
+is the mean over the reports with a Student-t interval over them, i.e. over pretraining seeds, which
+is the interval that answers "does this arm train a better encoder".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from oodfast.evaluate.represent import mean_interval
+
+__all__ = ["HEADLINE_METRICS", "compare_representations", "comparison_markdown"]
+
+
+def _linear(task: str, key: str) -> Callable[[Mapping[str, Any]], dict[str, Any] | None]:
+    def get(report: Mapping[str, Any]) -> dict[str, Any] | None:
+        return report.get(task, {}).get("linear", {}).get(key)
+    return get
+
+
+def _knn(task: str, *path: str) -> Callable[[Mapping[str, Any]], float | None]:
+    def get(report: Mapping[str, Any]) -> float | None:
+        node: Any = report.get(task, {}).get("knn", {})
+        for part in path:
+            node = node.get(part) if isinstance(node, Mapping) else None
+        return node
+    return get
+
+
+#: (column title, extractor) in table order. kNN cells are plain numbers; linear cells are the
+#: report's {mean, low, high} over probe seeds. Older reports without a metric give "-".
+HEADLINE_METRICS: tuple[tuple[str, Callable[[Mapping[str, Any]], Any]], ...] = (
+    ("dominant class, kNN acc.", _knn("dominant", "overall", "accuracy")),
+    ("dominant class, linear acc.", _linear("dominant", "overall.accuracy")),
+    ("middle classes, linear mean-class acc.", _linear("dominant", "middle.mean_class_accuracy")),
+    ("tail classes, linear mean-class acc.", _linear("dominant", "tail.mean_class_accuracy")),
+    ("rare presence, kNN AUROC", _knn("rare_present", "auroc")),
+    ("rare presence, linear AUROC", _linear("rare_present", "auroc")),
+    ("rare presence, linear balanced acc.", _linear("rare_present", "balanced_accuracy")),
+)
+
+
+def _value(cell: Any) -> float | None:
+    if isinstance(cell, Mapping):
+        return cell.get("mean")
+    return None if cell is None else float(cell)
+
+
+def compare_representations(
+    arms: Mapping[str, Sequence[Mapping[str, Any]]], confidence: float = 0.95
+) -> dict[str, Any]:
+    """Headline metrics of each arm from its representation reports.
+
+    Args:
+        arms: arm label -> reports of :func:`oodfast.evaluate.represent.evaluate_representation`
+            (one per pretraining seed; at least one).
+        confidence: interval level.
+
+    Returns:
+        ``metrics`` (column titles), ``interval`` (what the intervals cover), ``reports`` (label ->
+        number of reports) and ``arms``: label -> {title: {mean, low, high, values, n}}. With one report, ``low``/``high`` come from that
+        report's probe-seed interval (None for kNN, which is deterministic); with several, from a
+        t-interval over the reports' means.
+
+    Raises:
+        ValueError: no arms, or an arm without reports.
+    """
+    if not arms:
+        raise ValueError("compare_representations needs at least one arm")
+    out: dict[str, Any] = {
+        "metrics": [title for title, _ in HEADLINE_METRICS],
+        "interval": ("Student-t; an arm with several reports: over its reports (pretraining seeds); an arm "
+                     "with one report: over that report's linear-probe seeds (kNN cells are then exact)"),
+        "confidence": confidence,
+        "arms": {},
+        "reports": {},
+    }
+    for label, reports in arms.items():
+        if not reports:
+            raise ValueError(f"arm {label!r} has no report")
+        row: dict[str, Any] = {}
+        for title, get in HEADLINE_METRICS:
+            cells = [get(r) for r in reports]
+            if len(reports) == 1:
+                cell = cells[0]
+                mean = _value(cell)
+                row[title] = {"mean": mean, "low": cell.get("low") if isinstance(cell, Mapping) else None,
+                              "high": cell.get("high") if isinstance(cell, Mapping) else None,
+                              "values": [mean], "n": 0 if mean is None else 1}
+            else:
+                row[title] = mean_interval([_value(c) for c in cells], confidence, bounds=(0.0, 1.0))
+        out["arms"][label] = row
+        out["reports"][label] = len(reports)
+    return out
+
+
+def comparison_markdown(comparison: Mapping[str, Any], title: str = "Representation quality by arm") -> str:
+    """The comparison as markdown: one row per arm, ``mean [low, high]`` cells."""
+    from oodfast.report import markdown_table
+
+    def fmt(cell: Mapping[str, Any]) -> str:
+        if cell["mean"] is None:
+            return "-"
+        if cell.get("low") is None:
+            return f"{cell['mean']:.3f}"
+        return f"{cell['mean']:.3f} [{cell['low']:.3f}, {cell['high']:.3f}]"
+
+    rows = [(label, comparison["reports"][label], *(fmt(row[m]) for m in comparison["metrics"]))
+            for label, row in comparison["arms"].items()]
+    return (f"# {title}\n\nIntervals ({comparison['confidence']:.0%}): {comparison['interval']}.\n\n"
+            + markdown_table(["arm", "reports", *comparison["metrics"]], rows))
