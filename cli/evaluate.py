@@ -92,8 +92,10 @@ def detect(device, data, data_root, arch, encoder_source, detectors, calib_sizes
 @click.option("--seeds", callback=_csv(int), default="0,1,2", show_default=True, help="Linear-probe seeds.")
 @click.option("--crops-per-image", type=int, default=8, show_default=True)
 @click.option("--size", type=int, default=224, show_default=True, help="Crop size fed to the encoder.")
+@click.option("--tau", type=float, default=None,
+              help="Rare-pixel share that makes a crop rare-present (0.001, as `evaluate detect`).")
 @report_options
-def represent(device, data, data_root, arch, encoder_source, seeds, crops_per_image, size, json_path,
+def represent(device, data, data_root, arch, encoder_source, seeds, crops_per_image, size, tau, json_path,
               markdown_path) -> None:
     """Frozen-feature kNN (k=20, T=0.07) and linear probes on crop labels, by head/middle/tail band."""
     from oodfast.evaluate.represent import evaluate_representation, representation_markdown
@@ -101,8 +103,9 @@ def represent(device, data, data_root, arch, encoder_source, seeds, crops_per_im
 
     try:
         encoder, train, val, device = _setup(data, data_root, encoder_source, arch, device)
+        extra = {} if tau is None else {"tau": tau}
         report = evaluate_representation(encoder, train, val, seeds=seeds, crops_per_image=crops_per_image,
-                                         size=size, device=device)
+                                         size=size, device=device, **extra)
         report["encoder"] = {"source": encoder_source, "arch": arch}
         text = representation_markdown(report, f"Representation quality: {encoder_source} ({arch})")
         write_report(report, text, json_path=json_path, markdown_path=markdown_path)

@@ -37,6 +37,16 @@ def test_evaluate_represent_runs(root, tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert "dominant" in report and "rare_present" in report
     assert "## dominant" in result.output
+    assert report["config"]["tau"] == 0.001 and "auroc" in report["rare_present"]["knn"]
+    # --tau sets the rare-presence ground truth: a stricter share, fewer rare crops.
+    strict = CliRunner().invoke(main, [
+        "evaluate", "represent", "--data", "bdd10k", "--data-root", str(root), "--encoder", "random",
+        "--arch", "resnet18", "--seeds", "0", "--crops-per-image", "2", "--size", "32", "--tau", "0.05",
+        "--json", str(tmp_path / "s.json")])
+    assert strict.exit_code == 0, strict.output
+    tight = json.loads((tmp_path / "s.json").read_text())
+    assert tight["config"]["tau"] == 0.05
+    assert tight["rare_prevalence"]["train"] < report["rare_prevalence"]["train"]
 
 
 def test_evaluate_needs_masks_and_real_paths(tmp_path):
