@@ -1,5 +1,9 @@
-"""knn_score: the tiled reference equals brute force; the Triton kernel (interpreted on CPU) equals the
-reference; bad rows score NaN; bad arguments raise ValueError naming themselves; the op compiles."""
+"""knn_score: the tiled reference equals brute force; the Triton kernel equals the reference; bad rows
+score NaN; bad arguments raise ValueError naming themselves; the op compiles.
+
+The Triton tests run the kernel on DEVICE: compiled for the GPU on a GPU machine, in Triton's
+interpreter without one (tests/conftest.py). References are computed on the CPU.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,13 @@ import pytest
 import torch
 
 from oodfast.kernels.knn_score import _knn_score_triton, knn_score, knn_score_reference, normalize_bank
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def on_device(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Copies on DEVICE, keeping each tensor's strides (the kernels take strided inputs)."""
+    return [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=DEVICE).copy_(t) for t in tensors]
 
 
 def brute_force(x: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
@@ -99,9 +110,9 @@ TRITON_CASES = [
 @pytest.mark.parametrize("B, D, N, k, splits", TRITON_CASES)
 def test_triton_matches_reference_fp32(B, D, N, k, splits):
     x, bank = make(B, D, N, seed=B + D + N + k)
-    out = torch.full((B,), -1.0)
-    _knn_score_triton(x, bank, k, out, num_splits=splits)
-    assert_scores_close(out, knn_score_reference(x, bank, k), atol=4e-6)
+    out = torch.full((B,), -1.0, device=DEVICE)
+    _knn_score_triton(*on_device(x, bank), k, out, num_splits=splits)
+    assert_scores_close(out.cpu(), knn_score_reference(x, bank, k), atol=4e-6)
 
 
 # The interpreter computes fp16 tl.dot products exactly (numpy), so the only difference from the fp32
@@ -112,8 +123,8 @@ def test_triton_matches_reference_fp32(B, D, N, k, splits):
                                                  (torch.float16, torch.float32)])
 def test_triton_matches_reference_16bit(x_dtype, bank_dtype):
     x, bank = make(9, 40, 140, seed=11, bank_dtype=bank_dtype, x_dtype=x_dtype)
-    got = knn_score(x, bank, 10, backend="triton")
-    assert_scores_close(got, knn_score_reference(x, bank, 10), atol=4e-3, rtol=1e-3)
+    got = knn_score(*on_device(x, bank), 10, backend="triton")
+    assert_scores_close(got.cpu(), knn_score_reference(x, bank, 10), atol=4e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("order", ["descending", "ascending"])
@@ -128,9 +139,9 @@ def test_triton_tile_skip_and_merge_are_exact(order):
     sims = bank @ torch.nn.functional.normalize(x, dim=1)[0]
     bank = bank[sims.argsort(descending=order == "descending")].contiguous()
     for k, splits in [(3, 1), (50, 2)]:
-        out = torch.empty(1)
-        _knn_score_triton(x, bank, k, out, num_splits=splits)
-        assert_scores_close(out, knn_score_reference(x, bank, k), atol=4e-6)
+        out = torch.empty(1, device=DEVICE)
+        _knn_score_triton(*on_device(x, bank), k, out, num_splits=splits)
+        assert_scores_close(out.cpu(), knn_score_reference(x, bank, k), atol=4e-6)
     # The query itself is in the bank 3 times: its 3rd nearest neighbour is itself.
     assert knn_score_reference(x, bank, 3).item() < 1e-3
 
@@ -139,10 +150,12 @@ def test_triton_strided_inputs_and_out():
     x_t, bank = make(12, 6, 150, seed=8)
     x = x_t.T.contiguous().T  # same values, column-major strides (1, 12)
     bank_strided = torch.cat([bank, torch.zeros_like(bank)], dim=1)[:, :6]  # row stride 12
-    out = torch.zeros(12, 2)[:, 0]  # stride 2
+    out = torch.zeros(12, 2, device=DEVICE)[:, 0]  # stride 2
+    x, bank_strided = on_device(x, bank_strided)
+    assert x.stride() == (1, 12) and bank_strided.stride() == (12, 1)
     got = knn_score(x, bank_strided, 5, out=out, backend="triton")
     assert got is out
-    assert_scores_close(out, knn_score_reference(x_t, bank, 5), atol=4e-6)
+    assert_scores_close(out.cpu(), knn_score_reference(x_t, bank, 5), atol=4e-6)
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
@@ -153,16 +166,16 @@ def test_bad_rows_score_nan_and_others_are_unaffected(backend):
     bad[4, 0] = float("inf")
     bad[5, 18] = -float("inf")
     bad[6] = 0.0
-    got = knn_score(bad, bank, 7, backend=backend)
+    got = knn_score(*on_device(bad, bank), 7, backend=backend).cpu()
     nan_rows = torch.tensor([False, True, False, False, True, True, True, False])
     assert torch.equal(got.isnan(), nan_rows), got
     assert_scores_close(got[~nan_rows], knn_score_reference(x[~nan_rows], bank, 7), atol=4e-6)
     # Splitting the bank carries the NaN flag through the merge kernel too.
     if backend == "triton":
-        out = torch.empty(8)
-        _knn_score_triton(bad, bank, 7, out, num_splits=2)
-        assert torch.equal(out.isnan(), nan_rows)
-        assert_scores_close(out, got, atol=1e-6)
+        out = torch.empty(8, device=DEVICE)
+        _knn_score_triton(*on_device(bad, bank), 7, out, num_splits=2)
+        assert torch.equal(out.isnan().cpu(), nan_rows)
+        assert_scores_close(out.cpu(), got, atol=1e-6)
 
 
 # ---- entry point, validation, normalize_bank, compile ------------------------------------------
@@ -180,7 +193,7 @@ def test_out_is_written_in_place_and_returned():
 def test_empty_batch():
     _, bank = make(1, 8, 60, seed=2)
     for backend in ("auto", "torch", "triton"):
-        assert knn_score(torch.empty(0, 8), bank, 3, backend=backend).shape == (0,)
+        assert knn_score(*on_device(torch.empty(0, 8), bank), 3, backend=backend).shape == (0,)
 
 
 @pytest.mark.parametrize(
@@ -216,7 +229,7 @@ def test_validation_names_the_argument(kwargs, name):
 def test_triton_rejects_k_beyond_register_budget():
     x, bank = make(2, 8, 300, seed=1)
     with pytest.raises(ValueError, match=r"\bk=257\b"):
-        knn_score(x, bank, 257, backend="triton")
+        knn_score(*on_device(x, bank), 257, backend="triton")
     # "auto" still works (CPU: reference; CUDA: the op falls back to the tiled reference).
     assert_scores_close(knn_score(x, bank, 257), brute_force(x, bank, 257), atol=4e-6)
 

@@ -1,4 +1,9 @@
-"""rare_enqueue: scores against a float64 oracle, the ring against collections.deque, Triton against torch."""
+"""rare_enqueue: scores against a float64 oracle, the ring against collections.deque, Triton against torch.
+
+The op runs on DEVICE: on a GPU machine the Triton kernel is compiled for the GPU (and the torch
+reference runs there too); without one, the kernel runs in Triton's interpreter (tests/conftest.py).
+The checks themselves read CPU copies.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import torch
 from oodfast.detect import ledoit_wolf
 from oodfast.kernels.rare_enqueue import METRICS, rare_enqueue, rare_score
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-4), (torch.float16, 1e-4)]  # (dtype, relative score tol)
 
 
@@ -69,12 +75,18 @@ class Ring:
 
 
 def call(x, stats, metric, threshold, ids, step, ring: Ring, backend: str):
+    """One rare_enqueue on DEVICE; the ring's new state is copied back into the CPU ``ring``."""
     B = x.shape[-2]
-    scores, slots = torch.empty(B), torch.empty(B, dtype=torch.int32)
-    rare_enqueue(x, stats["center"], stats["proj"], stats["coef"], stats["alpha"], torch.tensor(threshold),
-                 ids, torch.tensor(step), scores, slots, ring.ids, ring.scores, ring.steps, ring.state, ring.scratch,
-                 METRICS[metric], backend=backend)
-    return scores, slots
+    scores = torch.empty(B, device=DEVICE)
+    slots = torch.empty(B, dtype=torch.int32, device=DEVICE)
+    cpu_ring = (ring.ids, ring.scores, ring.steps, ring.state, ring.scratch)
+    dev_ring = [t.to(DEVICE) for t in cpu_ring]
+    rare_enqueue(x.to(DEVICE), *(stats[k].to(DEVICE) for k in ("center", "proj", "coef", "alpha")),
+                 torch.tensor(threshold, device=DEVICE), ids.to(DEVICE), torch.tensor(step, device=DEVICE),
+                 scores, slots, *dev_ring, METRICS[metric], backend=backend)
+    for host, dev in zip(cpu_ring, dev_ring):
+        host.copy_(dev)
+    return scores.cpu(), slots.cpu()
 
 
 def check_against_deque(xs, stats, metric, C, n_flags, backend, dtype, tol):
@@ -135,7 +147,7 @@ def test_reference_matches_oracle_and_deque(metric, dtype, tol, B, D, C):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 1e-4)], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("B, D, C", [(1, 3, 1), (7, 3, 32), (64, 127, 32), (101, 130, 1), (300, 2048, 32)])
 def test_triton_kernel_matches_deque(metric, dtype, tol, B, D, C):
-    """The Triton kernel itself (interpreted on CPU): scores, flags, slots and the ring."""
+    """The Triton kernel itself (compiled on a GPU, interpreted on a CPU): scores, flags, slots and the ring."""
     gen = torch.Generator().manual_seed(B + D + C)
     stats = make_stats(metric, D, gen)
     xs = [torch.randn(B, D, generator=gen) for _ in range(4)]
@@ -177,10 +189,10 @@ def test_rare_score_matches_oracle():
     for metric in ("euclidean", "cosine", "mahalanobis"):
         stats = make_stats(metric, 33, gen)
         x = torch.randn(2, 20, 33, generator=gen)
+        on_device = [t.to(DEVICE) for t in (x, stats["center"], stats["proj"], stats["coef"], stats["alpha"])]
         for backend in ("torch", "triton"):
-            got = rare_score(x, stats["center"], stats["proj"], stats["coef"], stats["alpha"], METRICS[metric],
-                             backend=backend)
-            torch.testing.assert_close(got.double(), oracle_scores(x, stats, metric), rtol=1e-5, atol=1e-5)
+            got = rare_score(*on_device, METRICS[metric], backend=backend)
+            torch.testing.assert_close(got.cpu().double(), oracle_scores(x, stats, metric), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
