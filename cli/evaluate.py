@@ -55,7 +55,7 @@ def evaluate() -> None:
 @click.option("--detectors", callback=_csv(str), default=None, help="Subset of random,euclidean,cosine,mahalanobis,knn.")
 @click.option("--calib-sizes", callback=_csv(int), default=None, help="Calibration crop counts (paper: 256,1024).")
 @click.option("--percentiles", callback=_csv(float), default=None, help="Threshold percentiles (0.99,0.95,0.90,0.80).")
-@click.option("--tau", type=float, default=None, help="Rare-pixel share that makes a crop rare (0.001).")
+@click.option("--tau", type=click.FloatRange(0.0, 1.0, min_open=True), default=None, help="Rare-pixel share that makes a crop rare (0.001).")
 @click.option("--seeds", callback=_csv(int), default=None, help="Crop seeds pooled (0,1,2).")
 @click.option("--eval-images", type=int, default=None, help="Val images to use [default: all].")
 @click.option("--crop-size", type=int, default=None, help="Global crop size (224).")
@@ -92,7 +92,7 @@ def detect(device, data, data_root, arch, encoder_source, detectors, calib_sizes
 @click.option("--seeds", callback=_csv(int), default="0,1,2", show_default=True, help="Linear-probe seeds.")
 @click.option("--crops-per-image", type=int, default=8, show_default=True)
 @click.option("--size", type=int, default=224, show_default=True, help="Crop size fed to the encoder.")
-@click.option("--tau", type=float, default=None,
+@click.option("--tau", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="Rare-pixel share that makes a crop rare-present (0.001, as `evaluate detect`).")
 @report_options
 def represent(device, data, data_root, arch, encoder_source, seeds, crops_per_image, size, tau, json_path,
@@ -139,12 +139,18 @@ def compare(arms, json_path, markdown_path) -> None:
                     report = json.load(f)
             except (OSError, json.JSONDecodeError) as e:
                 raise click.ClickException(f"arm {label}: cannot read report {path}: {e}") from None
-            if not isinstance(report, dict) or "dominant" not in report or "rare_present" not in report:
+            if not (isinstance(report, dict) and isinstance(report.get("dominant"), dict)
+                    and isinstance(report.get("rare_present"), dict)):
                 raise click.ClickException(f"arm {label}: {path} is not an `oodfast evaluate represent` JSON report "
                                            "(no 'dominant'/'rare_present' sections)")
             reports.append(report)
+        if not reports:
+            raise click.BadParameter(f"{arm!r} names no report: LABEL=REPORT.json[,REPORT.json...]", param_hint="ARMS")
         parsed.setdefault(label, []).extend(reports)
-    comparison = compare_representations(parsed)
-    text = comparison_markdown(comparison)
-    write_report(comparison, text, json_path=json_path, markdown_path=markdown_path)
+    try:
+        comparison = compare_representations(parsed)
+        text = comparison_markdown(comparison)
+        write_report(comparison, text, json_path=json_path, markdown_path=markdown_path)
+    except (ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from None
     click.echo(text)

@@ -53,6 +53,30 @@ def _value(cell: Any) -> float | None:
     return None if cell is None else float(cell)
 
 
+#: Report settings that must agree for arms to be comparable (the probe seeds may differ).
+_SHARED_CONFIG = ("crops_per_image", "size", "scale", "crop_seed", "rare_classes", "tau", "k", "T", "probe_epochs",
+                  "probe_lr", "probe_weight_decay", "probe_batch_size", "probe_class_weight")
+
+
+def _shared_config(arms: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
+    """The evaluation settings every report shares; ValueError naming the first that differs."""
+    shared: dict[str, Any] | None = None
+    first = ""
+    for label, reports in arms.items():
+        for i, report in enumerate(reports):
+            config = report.get("config", {})
+            mine = {key: config.get(key) for key in _SHARED_CONFIG}
+            if shared is None:
+                shared, first = mine, f"{label}[0]"
+                continue
+            for key in _SHARED_CONFIG:
+                if mine[key] != shared[key]:
+                    raise ValueError(f"reports were made with different evaluation settings: {key} is "
+                                     f"{shared[key]!r} in {first} but {mine[key]!r} in {label}[{i}]; compare "
+                                     "reports of one `oodfast evaluate represent` protocol")
+    return shared or {}
+
+
 def compare_representations(
     arms: Mapping[str, Sequence[Mapping[str, Any]]], confidence: float = 0.95
 ) -> dict[str, Any]:
@@ -64,38 +88,45 @@ def compare_representations(
         confidence: interval level.
 
     Returns:
-        ``metrics`` (column titles), ``interval`` (what the intervals cover), ``reports`` (label ->
-        number of reports) and ``arms``: label -> {title: {mean, low, high, values, n}}. With one report, ``low``/``high`` come from that
+        ``metrics`` (column titles), ``interval`` (what the intervals cover), ``config`` (the
+        evaluation settings all reports share), ``reports`` (label -> number of reports) and
+        ``arms``: label -> {title: {mean, low, high, values, n, interval_over}}, ``interval_over``
+        being "probe seeds", "pretraining seeds" or None (no interval). With one report, ``low``/``high`` come from that
         report's probe-seed interval (None for kNN, which is deterministic); with several, from a
         t-interval over the reports' means.
 
     Raises:
-        ValueError: no arms, or an arm without reports.
+        ValueError: no arms, an arm without reports, or reports made with different evaluation
+            settings (crops, size, tau, probe settings, ...: the message names the first).
     """
     if not arms:
         raise ValueError("compare_representations needs at least one arm")
+    for label, reports in arms.items():
+        if not reports:
+            raise ValueError(f"arm {label!r} has no report")
     out: dict[str, Any] = {
         "metrics": [title for title, _ in HEADLINE_METRICS],
         "interval": ("Student-t; an arm with several reports: over its reports (pretraining seeds); an arm "
                      "with one report: over that report's linear-probe seeds (kNN cells are then exact)"),
         "confidence": confidence,
+        "config": _shared_config(arms),
         "arms": {},
         "reports": {},
     }
     for label, reports in arms.items():
-        if not reports:
-            raise ValueError(f"arm {label!r} has no report")
         row: dict[str, Any] = {}
         for title, get in HEADLINE_METRICS:
             cells = [get(r) for r in reports]
             if len(reports) == 1:
                 cell = cells[0]
-                mean = _value(cell)
-                row[title] = {"mean": mean, "low": cell.get("low") if isinstance(cell, Mapping) else None,
-                              "high": cell.get("high") if isinstance(cell, Mapping) else None,
-                              "values": [mean], "n": 0 if mean is None else 1}
+                if isinstance(cell, Mapping):  # the report's own summary over its probe seeds
+                    row[title] = {**cell, "interval_over": "probe seeds" if cell.get("low") is not None else None}
+                else:  # kNN: one deterministic value
+                    row[title] = {"mean": _value(cell), "low": None, "high": None,
+                                  "values": [_value(cell)], "n": 0 if cell is None else 1, "interval_over": None}
             else:
-                row[title] = mean_interval([_value(c) for c in cells], confidence, bounds=(0.0, 1.0))
+                row[title] = {**mean_interval([_value(c) for c in cells], confidence, bounds=(0.0, 1.0)),
+                              "interval_over": "pretraining seeds"}
         out["arms"][label] = row
         out["reports"][label] = len(reports)
     return out
@@ -114,5 +145,9 @@ def comparison_markdown(comparison: Mapping[str, Any], title: str = "Representat
 
     rows = [(label, comparison["reports"][label], *(fmt(row[m]) for m in comparison["metrics"]))
             for label, row in comparison["arms"].items()]
-    return (f"# {title}\n\nIntervals ({comparison['confidence']:.0%}): {comparison['interval']}.\n\n"
-            + markdown_table(["arm", "reports", *comparison["metrics"]], rows))
+    config = comparison.get("config", {})
+    settings = ", ".join(f"{k} {config[k]}" for k in ("size", "crops_per_image", "tau", "k", "T") if k in config)
+    return (f"# {title}\n\nIntervals ({comparison['confidence']:.0%}): {comparison['interval']}.\n"
+            + (f"Evaluation settings shared by every report: {settings}; the rare-presence probe is "
+               "class-balanced.\n" if settings else "")
+            + "\n" + markdown_table(["arm", "reports", *comparison["metrics"]], rows))

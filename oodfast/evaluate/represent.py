@@ -456,6 +456,7 @@ def knn_votes(
     *,
     chunk_size: int = 1024,
     device: str | torch.device | None = None,
+    normalize: bool = True,
 ) -> np.ndarray:
     """DINO's weighted k-nearest-neighbour votes (facebookresearch/dino ``eval_knn.py``), as shares.
 
@@ -473,9 +474,11 @@ def knn_votes(
         num_classes: number of classes (default: max train label + 1).
         chunk_size: test rows per similarity block (bounds memory at chunk_size x N).
         device: where to compute (default: the device of ``train_feats``, CPU for numpy).
+        normalize: divide each row by its sum (False: the summed weights, scaled so that the
+            nearest neighbour's weight is 1).
 
     Returns:
-        float32 [M, num_classes] vote shares; each row sums to 1.
+        float32 [M, num_classes] vote shares; each row sums to 1 (with ``normalize``).
     """
     train = _as_tensor(train_feats, "train_feats", torch.float32, 2)
     train = train.to(torch.device(device) if device is not None else train.device)
@@ -501,7 +504,7 @@ def knn_votes(
         weights = ((top_sim - top_sim[:, :1]) / T).exp()
         votes = torch.zeros(top_idx.shape[0], n_classes, dtype=torch.float32, device=train.device)
         votes.scatter_add_(1, labels[top_idx], weights)
-        shares.append(votes / votes.sum(dim=1, keepdim=True))
+        shares.append(votes / votes.sum(dim=1, keepdim=True) if normalize else votes)
     if not shares:
         return np.zeros((0, n_classes), dtype=np.float32)
     return torch.cat(shares).cpu().numpy()
@@ -524,7 +527,8 @@ def knn_classify(
     Returns:
         int64 [M] predicted class IDs.
     """
-    votes = knn_votes(train_feats, train_labels, test_feats, k, T, num_classes, chunk_size=chunk_size, device=device)
+    votes = knn_votes(train_feats, train_labels, test_feats, k, T, num_classes, chunk_size=chunk_size, device=device,
+                      normalize=False)
     return votes.argmax(axis=1).astype(np.int64)
 
 
@@ -632,13 +636,22 @@ def linear_probe(
     train_feats: torch.Tensor | np.ndarray,
     train_labels: torch.Tensor | np.ndarray,
     test_feats: torch.Tensor | np.ndarray,
-    **kwargs: Any,
+    *,
+    epochs: int = 100,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    batch_size: int = 1024,
+    num_classes: int | None = None,
+    class_weight: str | None = None,
+    device: str | torch.device | None = None,
 ) -> np.ndarray:
     """The linear probe's predicted classes: int64 [M], the argmax of :func:`linear_probe_logits`
     (same arguments)."""
-    return linear_probe_logits(train_feats, train_labels, test_feats, **kwargs).argmax(axis=1).astype(np.int64)
-
-
+    logits = linear_probe_logits(train_feats, train_labels, test_feats, epochs=epochs, lr=lr,
+                                 weight_decay=weight_decay, seed=seed, batch_size=batch_size,
+                                 num_classes=num_classes, class_weight=class_weight, device=device)
+    return logits.argmax(axis=1).astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -694,7 +707,8 @@ def per_band_accuracy(
 
 
 def binary_accuracy(
-    pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor, scores: np.ndarray | None = None
+    pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor,
+    scores: np.ndarray | torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Accuracy and balanced accuracy of a binary task (rare presence), and AUROC of a score.
 
@@ -723,7 +737,7 @@ def binary_accuracy(
     if scores is not None:
         from oodfast.evaluate.metrics import auroc
 
-        s = np.asarray(scores, dtype=np.float64).ravel()
+        s = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64).ravel()
         if s.shape != t.shape:
             raise ValueError(f"scores must have one entry per target, got {s.shape[0]} and {t.shape[0]}")
         out["auroc"] = float(auroc(s, t)) if 0 < t.sum() < t.size else None
@@ -934,5 +948,9 @@ def representation_markdown(report: dict[str, Any], title: str = "Representation
             knn_value = res["knn"].get(group, {}).get(metric) if isinstance(res["knn"].get(group), dict) \
                 else res["knn"].get(key, res["knn"].get(metric))
             rows.append((key, fmt(knn_value), fmt(value)))
-        text += f"\n## {task}\n\n" + markdown_table(["metric", f"kNN (k={res['knn_k']})", "linear probe"], rows)
+        if res.get("linear_class_weight"):
+            text += f"\n## {task}\n\nLinear probe trained with {res['linear_class_weight']} class weights.\n\n"
+        else:
+            text += f"\n## {task}\n\n"
+        text += markdown_table(["metric", f"kNN (k={res['knn_k']})", "linear probe"], rows)
     return text

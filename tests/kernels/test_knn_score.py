@@ -183,11 +183,12 @@ def test_bad_rows_score_nan_and_others_are_unaffected(backend):
 
 def test_out_is_written_in_place_and_returned():
     x, bank = make(5, 8, 60, seed=2)
-    out = torch.empty(5)
+    xd, bankd = on_device(x, bank)
+    out = torch.empty(5, device=DEVICE)
     ptr = out.data_ptr()
-    for backend in ("auto", "torch"):
-        assert knn_score(x, bank, 4, out=out, backend=backend) is out and out.data_ptr() == ptr
-        assert_scores_close(out, brute_force(x, bank, 4), atol=4e-6)
+    for backend in ("auto", "torch"):  # auto on a GPU: the registered op (Triton)
+        assert knn_score(xd, bankd, 4, out=out, backend=backend) is out and out.data_ptr() == ptr
+        assert_scores_close(out.cpu(), brute_force(x, bank, 4), atol=4e-6)
 
 
 def test_empty_batch():
@@ -231,7 +232,7 @@ def test_triton_rejects_k_beyond_register_budget():
     with pytest.raises(ValueError, match=r"\bk=257\b"):
         knn_score(*on_device(x, bank), 257, backend="triton")
     # "auto" still works (CPU: reference; CUDA: the op falls back to the tiled reference).
-    assert_scores_close(knn_score(x, bank, 257), brute_force(x, bank, 257), atol=4e-6)
+    assert_scores_close(knn_score(*on_device(x, bank), 257).cpu(), brute_force(x, bank, 257), atol=4e-6)
 
 
 def test_normalize_bank():
@@ -250,15 +251,17 @@ def test_normalize_bank():
 
 def test_compiled_fullgraph_matches_eager():
     # One compiled test (about 10-30 s on a 2-core CPU): the custom op traces with no graph break.
+    # On a GPU the op is a triton_op, so Inductor compiles the kernel into the graph.
     x, bank = make(6, 24, 80, seed=9)
     x[2] = 0.0
+    x, bank = on_device(x, bank)
 
     def step(x, bank, out):
         knn_score(x * 2.0, bank, 5, out=out)
         return out + 1.0
 
     compiled = torch.compile(step, fullgraph=True)
-    got = compiled(x, bank, torch.empty(6))
-    want = step(x, bank, torch.empty(6))
+    got = compiled(x, bank, torch.empty(6, device=DEVICE)).cpu()
+    want = step(x, bank, torch.empty(6, device=DEVICE)).cpu()
     assert got.isnan()[2] and got.isnan().sum() == 1
     assert_scores_close(got, want, atol=1e-6)

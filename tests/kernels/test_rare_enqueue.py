@@ -158,7 +158,7 @@ def test_triton_kernel_matches_deque(metric, dtype, tol, B, D, C):
     check_against_deque(xs, stats, metric, C, n_flags, "triton", dtype, tol)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 def test_views_flag_an_image_when_any_view_is_rare(backend):
     gen = torch.Generator().manual_seed(0)
     stats = make_stats("euclidean", 16, gen)
@@ -174,7 +174,7 @@ def test_views_flag_an_image_when_any_view_is_rare(backend):
     torch.testing.assert_close(scores[[3, 6]], torch.tensor([5.0, 5.0]) * 4)  # ||5 * ones(16)|| = 20
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 def test_precomputed_scores(backend):
     scores_in = torch.tensor([0.1, 3.0, float("nan"), 2.5, -1.0, 9.0]).unsqueeze(1)
     ring = Ring(2)
@@ -190,7 +190,7 @@ def test_rare_score_matches_oracle():
         stats = make_stats(metric, 33, gen)
         x = torch.randn(2, 20, 33, generator=gen)
         on_device = [t.to(DEVICE) for t in (x, stats["center"], stats["proj"], stats["coef"], stats["alpha"])]
-        for backend in ("torch", "triton"):
+        for backend in ("auto", "torch", "triton"):
             got = rare_score(*on_device, METRICS[metric], backend=backend)
             torch.testing.assert_close(got.cpu().double(), oracle_scores(x, stats, metric), rtol=1e-5, atol=1e-5)
 

@@ -18,7 +18,7 @@ def batch(V: int, rows: int, crop: tuple[int, ...], dtype: torch.dtype, gen: tor
     return (torch.randn(V, rows, *crop, generator=gen) * 10).to(DEVICE, dtype)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B, C", [(1, 1), (7, 4), (33, 32)])
 def test_two_groups_in_tail_layout(backend, dtype, B, C):
@@ -40,7 +40,7 @@ def test_two_groups_in_tail_layout(backend, dtype, B, C):
     assert torch.equal(g, expected_g) and torch.equal(loc, expected_l)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 def test_single_group_and_separate_tensors(backend):
     gen = torch.Generator().manual_seed(1)
     src, dst = batch(1, 5, (3, 2, 2), torch.float32, gen), torch.zeros(1, 3, 3, 2, 2, device=DEVICE)
