@@ -91,9 +91,9 @@ def compare_representations(
         ``metrics`` (column titles), ``interval`` (what the intervals cover), ``config`` (the
         evaluation settings all reports share), ``reports`` (label -> number of reports) and
         ``arms``: label -> {title: {mean, low, high, values, n, interval_over}}, ``interval_over``
-        being "probe seeds", "pretraining seeds" or None (no interval). With one report, ``low``/``high`` come from that
-        report's probe-seed interval (None for kNN, which is deterministic); with several, from a
-        t-interval over the reports' means.
+        being "probe seeds", "pretraining seeds" or None (no interval). With one report,
+        ``low``/``high`` come from that report's probe-seed interval (None for kNN, which is
+        deterministic); with several, from a t-interval over the reports' means.
 
     Raises:
         ValueError: no arms, an arm without reports, or reports made with different evaluation
