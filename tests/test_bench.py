@@ -33,6 +33,9 @@ def test_cli_quick_detect_and_ring(tmp_path: Path):
                      and r["case"].startswith("euclidean"))
     assert torch_row["speedup"] > 1 and torch_row["items_per_s"] > 0
     assert "## detect" in (tmp_path / "b.md").read_text() and "## ring" in result.output
+    cpu_target = next(v for v in report["targets"] if v["target"].startswith("torch scoring"))
+    assert cpu_target["status"] in ("met", "not met") and cpu_target["value"] == torch_row["speedup"]
+    assert "## targets" in result.output
 
 
 def test_bad_stage_and_device_are_refused():
@@ -69,3 +72,82 @@ def test_plot_or_a_clear_error(tmp_path: Path):
         return
     plot_report(report, tmp_path / "b.png")
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _report(device_type: str, stages: list[str], rows: list[dict]) -> dict:
+    env = {"device": "x", "device_type": device_type, "date": "d", "git_sha": "abc", "torch": "t", "triton": "3",
+           "dali": "2"}
+    base = {"items_per_s": 1.0, "us_per_call": 1.0, "us_p10": 1.0, "us_p90": 1.0}
+    return {"environment": env, "quick": False, "stages": stages, "rows": [{**base, **r} for r in rows]}
+
+
+def test_targets_met_not_met_and_not_measured():
+    from oodfast.bench.targets import check_targets
+
+    report = _report("cuda", ["detect", "step"], [
+        {"stage": "detect", "case": "euclidean B=1024 D=2048", "path": "fused (Triton)", "us_per_call": 8.0},
+        {"stage": "detect", "case": "mahalanobis B=1024 D=2048", "path": "fused (Triton)", "us_per_call": 31.0},
+        {"stage": "detect", "case": "knn B=1024 D=2048", "path": "fused (Triton)", "items_per_s": 4e5},
+        {"stage": "detect", "case": "knn B=65536 D=2048", "path": "fused (Triton)", "items_per_s": 2e6},
+        {"stage": "step", "case": "resnet50 B=64+C=32", "path": "compiled", "items_per_s": 900.0, "speedup": 1.3,
+         "ood_overhead": 0.05},
+        {"stage": "train", "case": "resnet50 B=64+C=32", "path": "end to end (loader + step)", "limit": 0.95},
+    ])
+    verdicts = {v["target"]: v for v in check_targets(report)}
+    assert verdicts["fused euclidean, B=1024 bf16, eager"]["status"] == "met"
+    assert verdicts["fused euclidean, B=1024 bf16, eager"]["measured"] == "8.0 us"
+    assert verdicts["fused mahalanobis, B=1024"]["status"] == "not met"
+    knn = verdicts["fused knn against a 100k bank (best B)"]
+    assert knn["status"] == "met" and knn["value"] == 2e6  # the best batch size counts
+    assert verdicts["ResNet-50 DINO step, compiled (8 crops per image)"]["status"] == "not met"
+    assert verdicts["compiled step over eager"]["status"] == "met"
+    assert verdicts["teacher-detector OOD overhead at equal rows"]["measured"] == "5.0%"
+    assert verdicts["teacher-detector OOD overhead at equal rows"]["status"] == "not met"
+    assert verdicts["end to end: share of step-only"]["status"] == "met"
+    assert verdicts["fused euclidean, B=1024 bf16, in a CUDA graph"]["status"].startswith("not measured (no such row")
+    assert verdicts["DALI GPU multi-crop from 1280x720"]["status"] == "not measured (stage aug did not run)"
+    assert verdicts["DALI CPU over the reference"]["status"].startswith("not measured (a cpu target")
+
+
+def test_cpu_targets_from_a_cpu_report():
+    from oodfast.bench.targets import check_targets
+
+    report = _report("cpu", ["detect", "aug"], [
+        {"stage": "detect", "case": "euclidean B=1024 D=2048", "path": "torch", "speedup": 99.0},
+        {"stage": "aug", "case": "640x360 JPEG", "path": "DALI cpu", "speedup": 1.1},
+    ])
+    verdicts = {v["target"]: v["status"] for v in check_targets(report)}
+    assert verdicts["torch scoring over the seed's scipy loop, euclidean B=1024 D=2048"] == "not met"
+    assert verdicts["DALI CPU over the reference"] == "met"
+    assert all(s.startswith("not measured (a cuda target") for t, s in verdicts.items()
+               if t not in ("DALI CPU over the reference",
+                            "torch scoring over the seed's scipy loop, euclidean B=1024 D=2048"))
+
+
+def test_markdown_shows_first_call_vs_torch_and_targets():
+    from oodfast.bench.targets import check_targets
+
+    report = _report("cpu", ["detect"], [
+        {"stage": "detect", "case": "euclidean B=1024 D=2048", "path": "seed (scipy loop)", "us_per_call": 200.0,
+         "speedup": 1.0, "vs_torch": 0.01, "first_call_s": 0.25},
+        {"stage": "detect", "case": "euclidean B=1024 D=2048", "path": "torch", "us_per_call": 2.0,
+         "speedup": 100.0, "vs_torch": 1.0, "first_call_s": 3.5},
+    ])
+    report["targets"] = check_targets(report)
+    text = report_markdown(report)
+    assert "| first call |" in text and "3.5 s" in text and "| vs torch |" in text
+    assert "## targets" in text and "| 100.00x | met |" in text
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphed_replays_the_captured_work():
+    import torch
+
+    from oodfast.bench.harness import cuda_graphed
+
+    x, out = torch.arange(4.0, device="cuda"), torch.zeros(4, device="cuda")
+    replay = cuda_graphed(lambda: torch.mul(x, 2, out=out), "cuda")
+    x.copy_(torch.ones(4))
+    replay()
+    torch.cuda.synchronize()
+    assert out.tolist() == [2.0, 2.0, 2.0, 2.0]

@@ -1,8 +1,9 @@
 """``oodfast bench``: throughput of oodfast's paths against the reference (the seed's) path, per stage.
 
 ``run_bench(device, stages, quick)`` returns a report dict: the environment (device, driver, library
-versions, git SHA, date) and one row per (stage, case, path). ``report_markdown`` renders it;
-``plot_report`` draws a bar chart of the speedups (matplotlib, optional).
+versions, git SHA, date), one row per (stage, case, path), and the verdict on each performance target
+of the issues (:mod:`oodfast.bench.targets`). ``report_markdown`` renders it; ``plot_report`` draws a
+bar chart of the speedups (matplotlib, optional).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from oodfast.bench.harness import environment
 from oodfast.bench.stages import ALIASES, STAGES, run_stage
+from oodfast.bench.targets import check_targets
 
 log = logging.getLogger(__name__)
 STAGE_NAMES = tuple(STAGES) + tuple(ALIASES)
@@ -39,7 +41,9 @@ def run_bench(device: str | torch.device, stages: Sequence[str], *, quick: bool 
     for stage in todo:
         log.info("bench: stage %s on %s%s", stage, dev, " (quick)" if quick else "")
         rows += run_stage(stage, dev, quick, workdir)
-    return {"environment": environment(dev), "quick": quick, "stages": todo, "rows": rows}
+    report = {"environment": environment(dev), "quick": quick, "stages": todo, "rows": rows}
+    report["targets"] = check_targets(report)
+    return report
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -54,33 +58,47 @@ def report_markdown(report: dict[str, Any]) -> str:
     text = head
     for stage in report["stages"]:
         rows = [r for r in report["rows"] if r["stage"] in (stage, "train" if stage == "step" else stage)]
+        vs_torch = any(r.get("vs_torch") is not None for r in rows)
         table = [(r["case"], r["path"], round(r["items_per_s"], 1), round(r["us_per_call"], 1),
-                  f"{r['us_p10']:.0f}-{r['us_p90']:.0f}", _fmt(r.get("speedup"), "x"), _fmt(r.get("limit"), "%"),
-                  _fmt(r.get("peak_mem_gib"), " GiB")) for r in rows]
+                  f"{r['us_p10']:.0f}-{r['us_p90']:.0f}", _fmt(r.get("speedup"), "x"))
+                 + ((_fmt(r.get("vs_torch"), "x"),) if vs_torch else ())
+                 + (_fmt(r.get("limit"), "%"), _fmt(r.get("peak_mem_gib"), " GiB"), _fmt(r.get("first_call_s"), " s"))
+                 for r in rows]
         unit = "rows/s" if stage == "detect" else "images/s"
         text += f"\n## {stage}\n\n" + markdown_table(
-            ["case", "path", unit, "us/call", "p10-p90 us", "speedup", "of limit", "peak mem"], table)
-        if stage in LIMITS:
-            text += f"\n{LIMITS[stage]}\n"
+            ["case", "path", unit, "us/call", "p10-p90 us", "speedup"] + (["vs torch"] if vs_torch else [])
+            + ["of limit", "peak mem", "first call"], table)
+        text += f"\n{COLUMNS.get(stage, COLUMNS['*'])}\n"
         for r in rows:
             if r.get("ood_overhead") is not None:
-                text += (f"\nDetection overhead at equal rows ({r['path']} vs random replay): "
+                mode = "teacher detector" if r["path"] == "compiled" else r["path"].removeprefix("compiled, ")
+                text += (f"\nDetection overhead at equal rows ({mode} vs random replay, compiled): "
                          f"{r['ood_overhead'] * 100:+.1f}%\n")
+    if report.get("targets"):
+        text += "\n## targets\n\n" + markdown_table(
+            ["target", "device", "bound", "measured", "status"],
+            [(v["target"], v["device_type"], v["bound"], v["measured"], v["status"]) for v in report["targets"]])
     return text
 
 
-#: What "of limit" means per stage.
-LIMITS = {
-    "aug": "of limit: share of DALI decode-only throughput (same decoder placement).",
-    "detect": "of limit: share of the HBM bandwidth of a device-to-device copy measured in the same run (GPU only).",
-    "step": "of limit (end to end row): share of the compiled step-only throughput.",
+_COMMON = ("speedup: over the stage's reference (seed) path in the same case. first call: seconds of the first, "
+           "untimed call (compilation, autotuning, worker start-up), apart from the steady state. peak mem: CUDA only.")
+#: The column notes under each stage's table (what "of limit" means there).
+COLUMNS = {
+    "aug": "of limit: share of DALI decode-only throughput (same decoder placement). " + _COMMON,
+    "detect": ("of limit: share of the HBM bandwidth of a device-to-device copy measured in the same run (GPU only). "
+               "vs torch: over the torch reference path. " + _COMMON),
+    "step": "of limit (end to end row): share of the compiled step-only throughput. " + _COMMON,
+    "*": _COMMON,
 }
 
 
 def _fmt(value: float | None, unit: str) -> str:
     if value is None:
         return ""
-    return f"{value * 100:.0f}%" if unit == "%" else f"{value:.2f}{unit}"
+    if unit == "%":
+        return f"{value * 100:.0f}%"
+    return f"{value:.1f}{unit}" if unit == " s" else f"{value:.2f}{unit}"
 
 
 def require_matplotlib() -> None:

@@ -2,7 +2,8 @@
 
 Every measured path runs ``warmup`` times untimed (compilation, autotuning, caches), then ``repeats``
 timed runs, each synchronised with the device before and after; a row reports the median with the
-10th-90th percentile spread. Compile time is reported apart from the steady state.
+10th-90th percentile spread. Compile time is reported apart from the steady state (the first call),
+and on CUDA the peak memory allocated while the path ran (the counter is reset before its first call).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Timing:
     p90_s: float
     repeats: int
     first_call_s: float  # the first (warm-up) call: includes compilation where there is any
+    peak_mem_gib: float | None = None  # CUDA only: peak allocated from the first call to the last
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -43,7 +45,10 @@ class Timing:
 
 def time_fn(fn: Callable[[], Any], device: torch.device | str, *, warmup: int = 2, repeats: int = 10) -> Timing:
     """Time ``fn`` (device-synchronised around every call)."""
+    cuda = torch.device(device).type == "cuda"
     sync(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     fn()
     sync(device)
@@ -58,7 +63,27 @@ def time_fn(fn: Callable[[], Any], device: torch.device | str, *, warmup: int = 
         sync(device)
         times.append(time.perf_counter() - start)
     t = np.asarray(times)
-    return Timing(float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90)), repeats, first)
+    return Timing(float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90)), repeats, first,
+                  torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None)
+
+
+def cuda_graphed(fn: Callable[[], Any], device: torch.device | str, *, warmup: int = 3) -> Callable[[], None]:
+    """``fn`` captured in a CUDA graph; returns the graph's replay.
+
+    ``fn`` must be capturable: fixed input and output tensors (e.g. ``out=``) and no host sync. It is
+    first run ``warmup`` times on a side stream, as torch's CUDA-graph notes prescribe, so lazy
+    initialisation and Triton's compilation happen outside the capture.
+    """
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def copy_bandwidth_gbps(device: torch.device | str, nbytes: int = 1 << 30) -> float:
@@ -67,10 +92,6 @@ def copy_bandwidth_gbps(device: torch.device | str, nbytes: int = 1 << 30) -> fl
     dst = torch.empty_like(src)
     t = time_fn(lambda: dst.copy_(src), device, warmup=3, repeats=10)
     return 2 * src.numel() * src.element_size() / t.median_s / 1e9
-
-
-def peak_memory_gib(device: torch.device | str) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if torch.device(device).type == "cuda" else None
 
 
 def _version(package: str) -> str | None:

@@ -9,6 +9,7 @@ for end-to-end training). One image = all its crops.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -17,15 +18,16 @@ from typing import Any
 
 import torch
 
-from oodfast.bench.harness import Timing, copy_bandwidth_gbps, peak_memory_gib, time_fn
+from oodfast.bench.harness import Timing, copy_bandwidth_gbps, cuda_graphed, time_fn
 
 Row = dict[str, Any]
+log = logging.getLogger(__name__)
 
 
 def _row(stage: str, case: str, path: str, t: Timing, items: int, device: torch.device, **extra: Any) -> Row:
     return {"stage": stage, "case": case, "path": path, "items_per_s": items / t.median_s,
             "us_per_call": t.median_s * 1e6, "us_p10": t.p10_s * 1e6, "us_p90": t.p90_s * 1e6,
-            "first_call_s": t.first_call_s, "peak_mem_gib": peak_memory_gib(device), **extra}
+            "first_call_s": t.first_call_s, "peak_mem_gib": t.peak_mem_gib, **extra}
 
 
 def _per_call(row: Row, calls: int) -> Row:
@@ -35,18 +37,21 @@ def _per_call(row: Row, calls: int) -> Row:
     return row
 
 
-def _speedups(rows: list[Row], reference: str) -> list[Row]:
-    """Add ``speedup`` over the row of path ``reference`` in the same case."""
+def _speedups(rows: list[Row], reference: str, key: str = "speedup") -> list[Row]:
+    """Add ``key`` (default ``speedup``): the row's speed over the row of path ``reference`` in the same case."""
     base = {r["case"]: r["us_per_call"] for r in rows if r["path"] == reference}
     for r in rows:
         if r["case"] in base:
-            r["speedup"] = base[r["case"]] / r["us_per_call"]
+            r[key] = base[r["case"]] / r["us_per_call"]
     return rows
 
 
 # ---- detect: the seed's scipy loop vs the torch reference vs the fused kernel ----------------------
 
 def bench_detect(device: torch.device, quick: bool) -> list[Row]:
+    """Rows per (metric, B): the seed's loop (B <= 1024), the torch reference, and on a GPU the fused
+    Triton op eagerly and replayed from a CUDA graph. ``speedup`` is over the seed's loop where it ran,
+    ``vs_torch`` over the torch reference; ``limit`` is the share of the copy bandwidth (GPU)."""
     from oodfast.detect import DetectorConfig, RareDetector
     from oodfast.kernels.knn_score import knn_score_reference
     from oodfast.kernels.rare_enqueue import rare_score_reference
@@ -55,7 +60,8 @@ def bench_detect(device: torch.device, quick: bool) -> list[Row]:
     gpu = device.type == "cuda"
     D = 2048
     sizes = ([1024, 65536] if quick else [256, 1024, 8192, 65536]) if gpu else ([1024] if quick else [256, 1024])
-    metrics = ["euclidean", "mahalanobis"] if quick else ["euclidean", "cosine", "mahalanobis", "knn"]
+    # every metric has a GPU target, so a quick GPU run keeps them all; a quick CPU run keeps two
+    metrics = ["euclidean", "mahalanobis"] if quick and not gpu else ["euclidean", "cosine", "mahalanobis", "knn"]
     dtype = torch.bfloat16 if gpu else torch.float32
     bandwidth = copy_bandwidth_gbps(device) if gpu else None
     repeats = 20 if gpu else 5
@@ -78,13 +84,19 @@ def bench_detect(device: torch.device, quick: bool) -> list[Row]:
                 paths.append(("torch", lambda x=x, det=det: rare_score_reference(
                     x, det.center, det.proj, det.coef, det.alpha, det.metric_id)))
             if gpu:
-                paths.append(("fused (Triton)", lambda x=x, det=det, out=out: det.score(x, out=out)))
+                fused = lambda x=x, det=det, out=out: det.score(x, out=out)  # noqa: E731
+                paths.append(("fused (Triton)", fused))
+                try:
+                    paths.append(("fused (Triton), CUDA graph", cuda_graphed(fused, device)))
+                except RuntimeError as e:  # not capturable: say so in the log, keep the eager figure
+                    log.warning("bench detect %s: CUDA-graph capture failed (%s); no graphed row", case, e)
             for name, fn in paths:
                 t = time_fn(fn, device, warmup=3, repeats=3 if name.startswith("seed") else repeats)
                 gbps = B * D * x.element_size() / t.median_s / 1e9
                 rows.append(_row("detect", case, name, t, B, device, gbps=gbps,
                                  limit=gbps / bandwidth if bandwidth else None))
-    return _speedups(rows, "seed (scipy loop)") if any(r["path"].startswith("seed") for r in rows) else rows
+    _speedups(rows, "torch", key="vs_torch")
+    return _speedups(rows, "seed (scipy loop)")
 
 
 # ---- ring: the seed's deque of view lists + stack/cat vs RareRing ------------------------------------
@@ -171,17 +183,24 @@ def bench_step(device: torch.device, quick: bool, workdir: Path) -> list[Row]:
         return TrainConfig.cpu(batch_size_per_gpu=8, epochs=1, epoch_length=8 * 6, calib_size=16, buffer_size=4,
                                output_dir=str(workdir / "step"), **overrides)
 
+    runs = [("eager", dict(compile=False)), ("compiled", dict(compile=True)),
+            ("compiled, random replay", dict(compile=True, replay="random"))]
+    if gpu or not quick:  # the frozen detector embeds the global crops with a second ResNet-50
+        runs.append(("compiled, frozen detector", dict(compile=True, detector="frozen",
+                                                       detector_weights=str(_random_resnet50(workdir)))))
     rows: list[Row] = []
     repeats = 10 if gpu else 3
-    for name, overrides in (("eager", dict(compile=False)), ("compiled", dict(compile=True)),
-                            ("compiled, random replay", dict(compile=True, replay="random"))):
+    for name, overrides in runs:
         t = prepared_trainer(Trainer(config(**overrides), device=device, progress=False))
         case = f"{t.cfg.arch} B={t.B}+C={t.cfg.buffer_size}"
         rows.append(_row("step", case, name, time_fn(lambda t=t: train_step(t), device, repeats=repeats), t.B, device))
+        del t
     _speedups(rows, "eager")
-    step_only = next(r for r in rows if r["path"] == "compiled")
     replay = next(r for r in rows if r["path"] == "compiled, random replay")
-    step_only["ood_overhead"] = step_only["us_per_call"] / replay["us_per_call"] - 1  # detection at equal rows
+    for r in rows:  # detection's cost at equal rows (B + C), per detector mode
+        if r["path"] in ("compiled", "compiled, frozen detector"):
+            r["ood_overhead"] = r["us_per_call"] / replay["us_per_call"] - 1
+    step_only = next(r for r in rows if r["path"] == "compiled")
 
     t = Trainer(config(compile=True), device=device, progress=False)
     t.calibrate()
@@ -198,6 +217,16 @@ def bench_step(device: torch.device, quick: bool, workdir: Path) -> list[Row]:
                            t.steps_per_epoch)  # per step, comparable with the step rows
     end_to_end["limit"] = step_only["us_per_call"] / end_to_end["us_per_call"]  # share of step-only throughput
     return rows + [end_to_end]
+
+
+def _random_resnet50(workdir: Path) -> Path:
+    """A randomly initialised torchvision ResNet-50 state dict: the frozen detector's weights for timing."""
+    import torchvision
+
+    path = workdir / "resnet50-random-init.pth"
+    if not path.exists():
+        torch.save(torchvision.models.resnet50().state_dict(), path)
+    return path
 
 
 # ---- aug: the seed's PIL path vs DALI vs torchvision, decode-only as the limit ----------------------
