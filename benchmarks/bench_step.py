@@ -13,7 +13,7 @@ builds a Trainer on synthdrive, calibrates and warms the buffer, then times step
   the detection overhead; plain DINO (B rows) for the cost of the replayed rows themselves.
 
 Targets on one H100 (trainer issue): ResNet-50 DINO >= 1,100 images/s, compiled >= 1.15x eager, end
-to end >= 90% of step-only, teacher-mode OOD overhead <= 3%.
+to end >= 90% of step-only, teacher-mode OOD overhead <= 3% (the frozen mode is measured, untargeted).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from oodfast.bench.harness import sync
-from oodfast.bench.stages import prepared_trainer, train_step
+from oodfast.bench.stages import random_resnet50_weights, prepared_trainer, train_step
 from oodfast.train.config import TrainConfig
 from oodfast.train.trainer import Trainer
 
@@ -63,10 +63,14 @@ def test_step(benchmark, tmp_path, compiled):
 
 # Detection overhead at equal rows: random replay (B + C rows, no scoring) vs the teacher detector
 # (B + C rows + scoring + enqueue). Plain DINO (B rows) shows what the replayed rows themselves cost.
-@pytest.mark.parametrize("replay, detector", [("none", "teacher"), ("random", "teacher"), ("ood", "teacher")],
-                         ids=["plain-dino", "random-replay", "teacher-detector"])
+# The frozen detector (the paper's) adds a second ResNet-50's forward on the global crops.
+@pytest.mark.parametrize("replay, detector", [("none", "teacher"), ("random", "teacher"), ("ood", "teacher"),
+                                              ("ood", "frozen")],
+                         ids=["plain-dino", "random-replay", "teacher-detector", "frozen-detector"])
 def test_ood_overhead(benchmark, tmp_path, replay, detector):
-    trainer = prepared_trainer(Trainer(config(tmp_path, replay=replay, detector=detector), device=DEVICE, progress=False))
+    weights = dict(detector_weights=str(random_resnet50_weights(tmp_path))) if detector == "frozen" else {}
+    trainer = prepared_trainer(Trainer(config(tmp_path, replay=replay, detector=detector, **weights), device=DEVICE,
+                                       progress=False))
     benchmark.group = "ood overhead"
     measure(benchmark, trainer, lambda: (train_step(trainer), sync(DEVICE)))
 

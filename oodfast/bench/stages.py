@@ -187,7 +187,7 @@ def bench_step(device: torch.device, quick: bool, workdir: Path) -> list[Row]:
             ("compiled, random replay", dict(compile=True, replay="random"))]
     if gpu or not quick:  # the frozen detector embeds the global crops with a second ResNet-50
         runs.append(("compiled, frozen detector", dict(compile=True, detector="frozen",
-                                                       detector_weights=str(_random_resnet50(workdir)))))
+                                                       detector_weights=str(random_resnet50_weights(workdir)))))
     rows: list[Row] = []
     repeats = 10 if gpu else 3
     for name, overrides in runs:
@@ -219,7 +219,7 @@ def bench_step(device: torch.device, quick: bool, workdir: Path) -> list[Row]:
     return rows + [end_to_end]
 
 
-def _random_resnet50(workdir: Path) -> Path:
+def random_resnet50_weights(workdir: Path) -> Path:
     """A randomly initialised torchvision ResNet-50 state dict: the frozen detector's weights for timing."""
     import torchvision
 
