@@ -64,7 +64,9 @@ def bench_detect(device: torch.device, quick: bool) -> list[Row]:
     metrics = ["euclidean", "mahalanobis"] if quick and not gpu else ["euclidean", "cosine", "mahalanobis", "knn"]
     dtype = torch.bfloat16 if gpu else torch.float32
     bandwidth = copy_bandwidth_gbps(device) if gpu else None
-    repeats = 20 if gpu else 5
+    # Fast paths get many warm-up calls: on a CPU the first few calls of a fresh process pay page faults
+    # for their temporaries until glibc's malloc adapts its mmap threshold (2-3x slower than steady).
+    repeats = 20 if gpu else 30
     rows: list[Row] = []
     for metric in metrics:
         torch.manual_seed(0)
@@ -91,7 +93,8 @@ def bench_detect(device: torch.device, quick: bool) -> list[Row]:
                 except RuntimeError as e:  # not capturable: say so in the log, keep the eager figure
                     log.warning("bench detect %s: CUDA-graph capture failed (%s); no graphed row", case, e)
             for name, fn in paths:
-                t = time_fn(fn, device, warmup=3, repeats=3 if name.startswith("seed") else repeats)
+                seed = name.startswith("seed")
+                t = time_fn(fn, device, warmup=3 if seed else 10, repeats=3 if seed else repeats)
                 gbps = B * D * x.element_size() / t.median_s / 1e9
                 rows.append(_row("detect", case, name, t, B, device, gbps=gbps,
                                  limit=gbps / bandwidth if bandwidth else None))
