@@ -48,6 +48,15 @@ def test_bad_stage_and_device_are_refused():
             run_bench("cuda", ["detect"])
 
 
+def test_aug_without_dali_is_refused_before_measuring(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--stages", "ring,aug", "--quick"])
+    assert result.exit_code != 0 and "nvidia-dali-cuda130" in result.output
+    assert "--stages detect,ring,step" in result.output and "## ring" not in result.output
+
+
 def test_markdown_has_one_table_per_stage():
     report = {"environment": {"device": "x", "device_type": "cpu", "date": "d", "git_sha": "abc", "torch": "t",
                               "triton": "3", "dali": "2"}, "quick": True, "stages": ["ring"],

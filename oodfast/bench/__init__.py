@@ -37,6 +37,10 @@ def run_bench(device: str | torch.device, stages: Sequence[str], *, quick: bool 
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGE_NAMES)}")
     todo = list(dict.fromkeys(ALIASES.get(s, s) for s in stages))  # train is measured by step
+    if "aug" in todo:
+        from oodfast.data.multicrop import require_dali
+
+        require_dali("leave the aug stage out: --stages detect,ring,step")
     rows: list[dict[str, Any]] = []
     for stage in todo:
         log.info("bench: stage %s on %s%s", stage, dev, " (quick)" if quick else "")

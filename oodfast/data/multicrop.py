@@ -726,6 +726,19 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+ALTERNATIVE_BACKENDS = ("choose another backend: --aug torch (torchvision on the device) or --aug reference "
+                        "(the seed's PIL path)")
+
+
+def require_dali(alternative: str = ALTERNATIVE_BACKENDS) -> None:
+    """Raise a ValueError that says what to do (install DALI, or ``alternative``) when DALI cannot be imported."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"the DALI multi-crop backend needs NVIDIA DALI, which cannot be imported ({e}). "
+                         f"Install it with `pip install nvidia-dali-cuda130` (Linux only), or {alternative}") from None
+
+
 def multicrop_loader(
     files: DatasetFiles | Sequence[str | os.PathLike[str]],
     config: MultiCropConfig | None,
@@ -798,6 +811,7 @@ def multicrop_loader(
                          f"raise epoch_length")
     common = dict(device=dev, seed=seed, shard_id=shard_id, num_shards=num_shards, epoch_length=epoch_length)
     if backend == "dali":
+        require_dali()
         return DaliMultiCropLoader(paths, config, batch_size, num_threads=num_workers, debug=debug,
                                    **common, **backend_options)
     if backend == "reference":

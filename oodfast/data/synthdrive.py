@@ -35,7 +35,10 @@ import math
 import multiprocessing
 import os
 import shutil
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -892,6 +895,10 @@ def generate(
 
     jobs = [(cfg, seed, i, splits[i], str(root)) for i in range(num_images)]
     workers = max(1, min(workers or os.cpu_count() or 1, num_images))
+    if workers > 1 and not _main_reimportable():
+        log.warning("synthdrive: the main script (%s) cannot be re-imported by spawned workers (piped on stdin?); "
+                    "drawing in this process", getattr(sys.modules.get("__main__"), "__file__", None))
+        workers = 1
     t0 = time.perf_counter()
     from tqdm.auto import tqdm
 
@@ -903,10 +910,20 @@ def generate(
             bar.update()
     else:
         # spawn: safe whatever the parent imported (torch, CUDA); the workers only need numpy and PIL.
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for rec in pool.imap_unordered(_write_frame, jobs, chunksize=max(1, min(16, num_images // (4 * workers)))):
-                records.append(rec)
-                bar.update()
+        # A ProcessPoolExecutor, unlike multiprocessing.Pool, raises when a worker dies instead of waiting forever.
+        chunksize = max(1, min(16, num_images // (4 * workers)))
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for rec in pool.map(_write_frame, jobs, chunksize=chunksize):
+                    records.append(rec)
+                    bar.update()
+        except BrokenProcessPool as e:
+            bar.close()
+            raise RuntimeError(
+                f"synthdrive: a worker process died while writing {root} ({e}). A worker killed for memory "
+                f"dies this way; so do spawned workers that cannot re-import the parent's main script (one "
+                f"piped on stdin, or one that calls this without an `if __name__ == \"__main__\":` guard). "
+                f"Retry with workers=1 (oodfast data synth --workers 1)") from None
     bar.close()
     seconds = time.perf_counter() - t0
     records.sort(key=lambda r: r["index"])
@@ -952,6 +969,13 @@ def generate(
 #: The embedded default dataset that ``--data synthetic`` generates once and reuses: sized so that a
 #: 2-core CPU generates it in well under a minute and a CPU training preset sees varied frames.
 DEFAULT_SPEC: dict[str, Any] = {"num_images": 2400, "seed": 0, "width": 640, "height": 360}
+
+
+def _main_reimportable() -> bool:
+    """Whether spawned processes can re-import ``__main__`` (they run its file again; an interactive
+    session has no file and is fine; ``python - < script.py`` names a file "<stdin>" that does not exist)."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    return path is None or os.path.exists(path)
 
 
 def ensure_synthdrive(cache_root: Path | None = None, *, progress: bool = True, **spec: Any) -> Path:

@@ -292,6 +292,16 @@ def test_missing_file_and_bad_options_raise_clearly(files: list[Path], tmp_path:
         multicrop_loader(files, SMALL, 64, device="cpu", seed=0)
 
 
+def test_missing_dali_is_a_clear_error_naming_the_alternatives(files: list[Path], monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as on a machine without DALI
+    with pytest.raises(ValueError, match="pip install nvidia-dali-cuda130") as e:
+        multicrop_loader(files, SMALL, 8, device="cpu", seed=0)
+    assert "--aug torch" in str(e.value)
+    assert len(multicrop_loader(files, SMALL, 8, device="cpu", seed=0, backend="torch")) > 0  # others still work
+
+
 def test_gpu_pipeline_graph_is_valid_without_a_gpu() -> None:
     # The GPU graph is traced (not run): every per-sample argument input must come from the CPU,
     # the decoder must be the mixed one and every view must leave the pipeline on the GPU.

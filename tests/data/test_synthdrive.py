@@ -152,3 +152,33 @@ def test_ensure_synthdrive_generates_once_and_discovers(tmp_path: Path) -> None:
     assert files.kind == "synthetic" and files.root == root.resolve() and len(files) == 7
     with pytest.raises(TypeError, match="unknown spec keys"):
         ensure_synthdrive(tmp_path, frames=3)
+
+
+def _run_piped(script: str, cwd: Path):
+    """Run ``script`` as ``python - < script``: __main__.__file__ is "<stdin>", which spawn cannot re-import."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-"], input=script, text=True, capture_output=True, cwd=cwd, timeout=300)
+
+
+def test_generate_from_a_piped_script_draws_in_process(tmp_path: Path) -> None:
+    result = _run_piped(
+        "from oodfast.data.synthdrive import SynthConfig, generate\n"
+        f"m = generate({str(tmp_path / 'sd')!r}, 4, seed=0, config=SynthConfig(width=96, height=64), workers=2,"
+        " progress=False)\n"
+        "print('frames', m['num_images'])\n", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "frames 4" in result.stdout and "cannot be re-imported" in result.stderr
+
+
+def test_a_dead_worker_is_a_clear_error_not_a_hang(tmp_path: Path) -> None:
+    # Force the pool where workers cannot start: each dies at once, which multiprocessing.Pool would
+    # wait on forever.
+    result = _run_piped(
+        "import oodfast.data.synthdrive as sd\n"
+        "sd._main_reimportable = lambda: True\n"
+        f"sd.generate({str(tmp_path / 'sd')!r}, 4, seed=0, config=sd.SynthConfig(width=96, height=64), workers=2,"
+        " progress=False)\n", tmp_path)
+    assert result.returncode != 0
+    assert "RuntimeError: synthdrive: a worker process died" in result.stderr and "workers=1" in result.stderr
