@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ def train(data: str, data_root: Path | None, synthetic_images: int | None, synth
 
     from oodfast.report import markdown_table, write_report
     from oodfast.train.config import PRESETS, preset_for
-    from oodfast.train.trainer import Trainer
+    from oodfast.train.trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = preset_for(device) if preset == "auto" else preset
@@ -121,8 +122,11 @@ def train(data: str, data_root: Path | None, synthetic_images: int | None, synth
     try:
         config = PRESETS[name](**overrides)
         summary = Trainer(config, device=device, resume=resume).train()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, TrainingDiverged) as e:
         raise click.ClickException(str(e)) from None
+    except TrainingInterrupted as e:  # the checkpoint holds the last step: exit as the signal would have
+        click.echo(f"oodfast train: {e}", err=True)
+        sys.exit(128 + e.signum)
     summary = {"preset": name, "device": device, **summary}
     text = "# oodfast train\n\n" + markdown_table(["key", "value"], [(k, json.dumps(v) if isinstance(v, dict) else v)
                                                                    for k, v in summary.items()])

@@ -14,7 +14,9 @@ always sees B + C rows per view with static shapes; schedules enter as 0-d tenso
 recompiles as they change. With the teacher detector an image flagged in step t is replayed from step
 t + 1 on (it is in step t's batch anyway); the frozen detector, like the paper's, flags before the
 forward. The loss is read once per step (as DINO does) to skip a non-finite step; ``max_bad_steps``
-in a row stop the run and leave the last checkpoint intact.
+in a row stop the run and leave the last checkpoint intact. SIGTERM or SIGINT (a cluster's
+preemption, Ctrl-C) stops the run after the current step with a checkpoint of that step, from which
+``--resume`` continues as if nothing had happened; a second signal stops at once.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,47 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """Several consecutive non-finite losses: the run stopped; the last checkpoint is intact."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM or SIGINT stopped the run after a step; ``checkpoint`` holds that step."""
+
+    def __init__(self, message: str, signum: int, checkpoint: Path):
+        super().__init__(message)
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+class StopSignals:
+    """While entered, SIGTERM and SIGINT set ``signum`` instead of stopping the process, so the training
+    loop can finish its step and checkpoint. A second signal restores the previous handlers and
+    re-raises itself: it stops at once, as it would have without this. Only the main thread can
+    install handlers; elsewhere this does nothing (and ``signum`` stays None).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        log.warning("%s: stopping after this step with a checkpoint (send it again to stop at once)",
+                    signal.Signals(signum).name)
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -177,6 +222,7 @@ class Trainer:
         self._slots = torch.full((self.B,), -1, dtype=torch.int32, device=self.device)
 
         self.step = 0
+        self._epoch_losses: list[float] = []  # this epoch's step losses so far (checkpointed mid-epoch)
         self.compile_seconds = 0.0
         self._forward = torch.compile(self._forward_impl, fullgraph=True) if cfg.compile else self._forward_impl
         self._pre = torch.compile(self._pre_impl, fullgraph=True) if cfg.compile else self._pre_impl
@@ -307,7 +353,16 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        """Calibrate, warm the ring up, train, checkpoint. Returns a summary dict."""
+        """Calibrate, warm the ring up, train, checkpoint. Returns a summary dict.
+
+        Raises:
+            TrainingDiverged: ``max_bad_steps`` non-finite losses in a row (the last checkpoint is intact).
+            TrainingInterrupted: SIGTERM or SIGINT; the checkpoint holds the last finished step.
+        """
+        with StopSignals() as stop:  # SIGTERM / SIGINT: finish the step, checkpoint, raise TrainingInterrupted
+            return self._train(stop)
+
+    def _train(self, stop: StopSignals) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -322,18 +377,21 @@ class Trainer:
         for epoch in range(start_epoch, cfg.epochs):
             if self.step >= total:
                 break
+            self._stop_if_asked(stop, epoch, log_path)
             if cfg.detector == "teacher" and isinstance(self.detector, RareDetector) and epoch > 0:
                 self.calibrate()  # the teacher has moved: refresh the statistics at every epoch start
             self.loader.set_epoch(epoch)
             skip = self.step - epoch * self.steps_per_epoch
             bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {epoch}", unit="step",
                        disable=not self.progress, dynamic_ncols=True)
-            epoch_losses = []
+            # a partial epoch resumed from a checkpoint keeps the losses of its steps before the stop
+            epoch_losses = self._epoch_losses = self._epoch_losses if skip > 0 else []
             for i, batch in enumerate(self.loader):
                 if i < skip:
                     continue
                 if self.step >= total:
                     break
+                self._stop_if_asked(stop, epoch, log_path)
                 t0 = time.perf_counter()
                 self._stage(batch.views, batch.index, batch.boxes)
                 self.schedules.write_(self.step, self.sched)
@@ -414,24 +472,49 @@ class Trainer:
             with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def _stop_if_asked(self, stop: StopSignals, epoch: int, log_path: Path) -> None:
+        """Between steps: if any rank got SIGTERM/SIGINT, checkpoint this step and raise TrainingInterrupted."""
+        signum = stop.signum or 0
+        if self.world > 1:  # every rank stops at the same step, or the collectives would hang
+            flag = torch.tensor([signum], dtype=torch.int64, device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        if not signum:
+            return
+        self.save(epoch, numbered=False)  # mid-epoch or not, checkpoint.pth holds this step
+        name = signal.Signals(signum).name
+        self._log(log_path, {"step": self.step, "epoch": epoch, "event": "interrupted", "signal": name})
+        ckpt = self.out / "checkpoint.pth"
+        raise TrainingInterrupted(f"{name}: stopped after step {self.step} of {self.schedules.total_steps}; "
+                                  f"{ckpt} holds it: continue with --resume {ckpt}", signum, ckpt)
+
     # ---- checkpoints -----------------------------------------------------------------------------
-    def state(self, epoch: int) -> dict[str, Any]:
-        """The checkpoint dict (DINO's keys plus ours), from the uncompiled modules."""
+    def state(self) -> dict[str, Any]:
+        """The checkpoint dict (DINO's keys plus ours), from the uncompiled modules.
+
+        DINO's ``epoch`` is the epoch to start from: the next one after a complete epoch, the current
+        one again after a partial epoch (oodfast resumes from ``step``, mid-epoch included).
+        """
         return {
             "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "epoch": epoch + 1, "args": self.cfg.to_dict(),
+            "optimizer": self.optimizer.state_dict(), "epoch": self.step // self.steps_per_epoch,
+            "args": self.cfg.to_dict(),
             "dino_loss": self.loss.state_dict(),
             "ring": self.ring.state_dict() if self.ring is not None else None,
             "detector": self.detector.state_dict() if self.detector is not None else None,
             "step": self.step, "rng": rng_state(), "config": self.cfg.to_dict(),
+            "epoch_losses": list(self._epoch_losses) if self.step % self.steps_per_epoch else [],
         }
 
-    def save(self, epoch: int) -> None:
+    def save(self, epoch: int, numbered: bool = True) -> None:
+        """checkpoint.pth (rank 0); with ``numbered``, also checkpointNNNN.pth at the end of every
+        ``saveckp_freq``-th epoch (never for a partial epoch)."""
         if self.rank != 0:
             return
-        state = self.state(epoch)
+        state = self.state()
         save_checkpoint(self.out / "checkpoint.pth", state)
-        if self.cfg.saveckp_freq and (epoch + 1) % self.cfg.saveckp_freq == 0:
+        complete = self.step == (epoch + 1) * self.steps_per_epoch
+        if numbered and complete and self.cfg.saveckp_freq and (epoch + 1) % self.cfg.saveckp_freq == 0:
             save_checkpoint(self.out / f"checkpoint{epoch + 1:04}.pth", state)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -444,6 +527,7 @@ class Trainer:
         if self.detector is not None and ckpt.get("detector") is not None:
             self.detector.load_state_dict(ckpt["detector"])
         self.step = int(ckpt["step"])
+        self._epoch_losses = [float(v) for v in ckpt.get("epoch_losses", [])]
         set_rng_state(ckpt["rng"])
         self.resumed = True
         log.info("resumed at step %d (epoch %d)", self.step, self.step // self.steps_per_epoch)

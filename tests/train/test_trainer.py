@@ -14,7 +14,7 @@ from torchvision import models
 from oodfast.detect import RandomDetector, RareDetector
 from oodfast.train.checkpoint import CheckpointError, load_checkpoint
 from oodfast.train.config import TrainConfig
-from oodfast.train.trainer import Trainer, TrainingDiverged
+from oodfast.train.trainer import StopSignals, Trainer, TrainingDiverged, TrainingInterrupted
 
 SPEC = dict(num_images=64, seed=0, width=128, height=72)
 
@@ -71,6 +71,69 @@ def test_resume_reproduces_the_uninterrupted_run(data_root, tmp_path):
     resumed.train()
     assert losses(tmp_path / "part") == pytest.approx(losses(tmp_path / "full"), rel=1e-5)
     assert torch.equal(resumed.ring.ring_ids, full.ring.ring_ids)
+
+
+def test_sigterm_mid_epoch_checkpoints_that_step_and_resume_continues_exactly(data_root, tmp_path):
+    import os
+    import signal
+
+    full = Trainer(tiny(data_root, tmp_path / "full"), progress=False)
+    full.train()
+    out = tmp_path / "part"
+    trainer = Trainer(tiny(data_root, out), progress=False)
+    post = trainer._post
+
+    def post_then_preempt(*args):  # SIGTERM arrives during step 5 (the second of epoch 1's four)
+        post(*args)
+        if trainer.step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer._post = post_then_preempt
+    handler_before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match=r"SIGTERM: stopped after step 6 of 8.*--resume") as e:
+        trainer.train()
+    assert e.value.signum == signal.SIGTERM and e.value.checkpoint == out / "checkpoint.pth"
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # the handlers are given back
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    assert ckpt["step"] == 6 and ckpt["epoch"] == 1  # DINO's key: epoch 1 is to be run again
+    assert (out / "checkpoint0001.pth").exists() and not (out / "checkpoint0002.pth").exists()
+    events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert {"step": 6, "epoch": 1, "event": "interrupted", "signal": "SIGTERM"} in events
+
+    resumed = Trainer(tiny(data_root, out), progress=False, resume=out / "checkpoint.pth")
+    resumed.train()
+    assert losses(out) == pytest.approx(losses(tmp_path / "full"), rel=1e-5)
+    assert load_checkpoint(out / "checkpoint.pth")["step"] == 8
+    assert torch.equal(resumed.ring.ring_ids, full.ring.ring_ids)
+
+
+def test_a_second_signal_stops_at_once():
+    import signal
+
+    handler_before = signal.getsignal(signal.SIGINT)
+    with StopSignals() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.signum == signal.SIGINT  # the first one only asks
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # Python's own SIGINT handler again
+    assert signal.getsignal(signal.SIGINT) is handler_before
+
+
+def test_cli_exits_as_the_signal_would_and_says_how_to_resume(monkeypatch, tmp_path):
+    import signal
+
+    from click.testing import CliRunner
+
+    from oodfast.cli import main
+
+    def interrupted(self):
+        raise TrainingInterrupted("SIGTERM: stopped after step 3 of 8; ckpt holds it: continue with --resume ckpt",
+                                  signal.SIGTERM, tmp_path / "ckpt")
+
+    monkeypatch.setattr(Trainer, "__init__", lambda self, *a, **k: None)
+    monkeypatch.setattr(Trainer, "train", interrupted)
+    result = CliRunner().invoke(main, ["train", "--output_dir", str(tmp_path)])
+    assert result.exit_code == 128 + signal.SIGTERM and "continue with --resume" in result.output
 
 
 def test_ablation_flags_change_what_they_claim(data_root, tmp_path):
