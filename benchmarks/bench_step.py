@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from oodfast.bench.harness import sync
-from oodfast.bench.stages import random_resnet50_weights, prepared_trainer, train_step
+from oodfast.bench.stages import prepared_trainer, random_resnet50_weights, train_step
 from oodfast.train.config import TrainConfig
 from oodfast.train.trainer import Trainer
 
@@ -42,6 +42,8 @@ def config(tmp_path, **overrides) -> TrainConfig:
 
 
 def measure(benchmark, trainer: Trainer, fn) -> None:
+    if ON_GPU:
+        torch.cuda.reset_peak_memory_stats()  # this case's peak, not the session's
     start = time.perf_counter()
     fn()  # first call: compiles when compile=True
     benchmark.extra_info["first_call_s"] = time.perf_counter() - start

@@ -4,14 +4,17 @@
 #     bash benchmarks/gpu.sh [OUT_DIR]        (default: benchmarks/results)
 #
 # With oodfast installed (`pip install -e ".[dev,plot]"`, plus nvidia-dali-cuda130 for the aug stage),
-# it writes OUT_DIR/<gpu>-<date>{-tests.txt,-train/,.json,.md,.png,-pytest-benchmark.json}:
+# it writes OUT_DIR/<gpu>-<date>{-tests.txt,-train.{json,md},.json,.md,.png,-pytest-benchmark.json}:
 #   1. the kernel tests compiled for the GPU (tests/kernels: Triton, registered ops, compiled op) and
 #      the bench tests (CUDA-graph replay);
-#   2. a short `oodfast train` on CUDA (paper preset, 20 steps): torch.compile, bf16, DALI or torchvision;
-#   3. `oodfast bench --device cuda` at full size, every stage, with its verdict on each target;
+#   2. a short `oodfast train` on CUDA (paper preset, 20 steps): torch.compile, bf16, DALI or torchvision
+#      (its checkpoints go to runs/, which git ignores; its report to OUT_DIR);
+#   3. `oodfast bench --device cuda` at full size, every stage (aug only with DALI), with its verdict
+#      on each target;
 #   4. the pytest-benchmark suites at full size.
 # Each step runs even if an earlier one failed; the exit status is non-zero if any failed.
 set -uo pipefail
+cd "$(dirname "$0")/.."  # the repository root: tests/ and benchmarks/ are relative to it
 
 out=${1:-benchmarks/results}
 python - <<'EOF' || exit 2
@@ -39,11 +42,12 @@ echo "== 1/4 kernel and bench tests on $gpu"
 python -m pytest -q tests/kernels tests/test_bench.py 2>&1 | tee "$stem-tests.txt" || failed+=(tests)
 
 echo "== 2/4 oodfast train on CUDA (paper preset, 20 steps)"
-oodfast train --device cuda --preset paper --aug "$aug" --epochs 1 --epoch-length 1280 --synthetic-images 512 \
-    --output_dir "$stem-train" --json "$stem-train/report.json" --markdown "$stem-train/report.md" || failed+=(train)
+python -m oodfast.cli train --device cuda --preset paper --aug "$aug" --epochs 1 --epoch-length 1280 \
+    --synthetic-images 512 --output_dir "runs/$gpu-bench-train" --json "$stem-train.json" --markdown "$stem-train.md" \
+    || failed+=(train)
 
 echo "== 3/4 oodfast bench --device cuda (full size: $stages)"
-oodfast bench --device cuda --stages "$stages" --json "$stem.json" --markdown "$stem.md" "${plot[@]}" \
+python -m oodfast.cli bench --device cuda --stages "$stages" --json "$stem.json" --markdown "$stem.md" "${plot[@]}" \
     || failed+=(bench)
 
 echo "== 4/4 pytest-benchmark suites"

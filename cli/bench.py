@@ -22,7 +22,7 @@ def bench(device: str | None, stages: str, quick: bool, plot_path: Path | None, 
     """Measure oodfast's paths against the seed's, stage by stage, in one run."""
     import torch
 
-    from oodfast.bench import plot_report, report_markdown, require_matplotlib, run_bench
+    from oodfast.bench import failures, plot_report, report_markdown, require_matplotlib, run_bench
     from oodfast.report import write_report
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -37,3 +37,5 @@ def bench(device: str | None, stages: str, quick: bool, plot_path: Path | None, 
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     click.echo(text)
+    if failures(report):  # the report is written; the exit status says it is incomplete
+        raise click.ClickException("some paths could not be measured:\n  " + "\n  ".join(failures(report)))

@@ -47,6 +47,7 @@ class DetectorConfig:
     metric: str = "euclidean"
     percentile: float = 0.95
     knn_k: int = 50
+    knn_bank_dtype: str = "auto"  # auto: bfloat16 on CUDA (the kernel's tensor-core path), float32 elsewhere
     online: bool = False
     target_rate: float | None = None  # None: 1 - percentile, the rate the calibration threshold implies
     online_lr: float = 0.05
@@ -59,6 +60,8 @@ class DetectorConfig:
             raise ValueError(f"percentile must be in (0, 1), e.g. 0.95, got {self.percentile}")
         if self.knn_k < 1:
             raise ValueError(f"knn_k must be >= 1, got {self.knn_k}")
+        if self.knn_bank_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"knn_bank_dtype must be auto, float32 or bfloat16, got {self.knn_bank_dtype!r}")
         if self.target_rate is not None and not 0.0 < self.target_rate < 1.0:
             raise ValueError(f"target_rate must be in (0, 1), got {self.target_rate}")
 
@@ -174,7 +177,10 @@ class RareDetector(nn.Module):
             self.proj = proj.to(dev, torch.float32).contiguous()
             self.coef = coef.to(dev, torch.float32).contiguous()
         elif metric == "knn":
-            self.bank = nn.functional.normalize(x, dim=1).contiguous()
+            dtype = self.config.knn_bank_dtype
+            if dtype == "auto":  # bf16 halves the bank traffic and runs on tensor cores (similarities to ~1e-3)
+                dtype = "bfloat16" if x.device.type == "cuda" else "float32"
+            self.bank = nn.functional.normalize(x.float(), dim=1).to(getattr(torch, dtype)).contiguous()
         else:
             self.center.copy_(mean)
 

@@ -20,6 +20,13 @@ def test_time_fn_reports_median_and_spread():
     assert 0 <= t.p10_s <= t.median_s <= t.p90_s
 
 
+def test_time_fn_batches_microsecond_calls_into_samples():
+    calls = []
+    t = time_fn(lambda: calls.append(1), "cpu", warmup=2, repeats=4, min_sample_s=1e-3)
+    assert t.calls_per_sample > 10 and len(calls) == 2 + 4 * t.calls_per_sample
+    assert t.median_s < 1e-3  # per call, not per sample
+
+
 def test_cli_quick_detect_and_ring(tmp_path: Path):
     result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--stages", "detect,ring", "--quick",
                                        "--json", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md")])
@@ -146,6 +153,26 @@ def test_markdown_shows_first_call_vs_torch_and_targets():
     text = report_markdown(report)
     assert "| first call |" in text and "3.5 s" in text and "| vs torch |" in text
     assert "## targets" in text and "| 100.00x | met |" in text
+
+
+def test_a_failed_path_is_reported_named_by_its_target_and_fails_the_cli(monkeypatch, tmp_path: Path):
+    import oodfast.bench as bench
+    from oodfast.bench.stages import FUSED_GRAPH, _failed
+    from oodfast.bench.targets import check_targets
+
+    report = _report("cuda", ["detect"], [])
+    report["rows"].append(_failed("detect", "euclidean B=1024 D=2048", FUSED_GRAPH, "capture failed: boom"))
+    report["targets"] = check_targets(report)
+    verdict = next(v for v in report["targets"] if v["target"].endswith("in a CUDA graph"))
+    assert verdict["status"] == "not measured (failed: capture failed: boom)"
+    assert "**Not measured:** fused (Triton), CUDA graph, euclidean B=1024 D=2048: capture failed: boom" in \
+        report_markdown(report)
+
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: report)
+    result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--stages", "detect",
+                                       "--json", str(tmp_path / "b.json")])
+    assert result.exit_code != 0 and "could not be measured" in result.output
+    assert (tmp_path / "b.json").exists()  # the report is written all the same
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -140,3 +140,16 @@ def test_threshold_holds_its_rate_out_of_sample_with_fewer_images_than_dimension
     fresh = torch.randn(4000, 256, generator=gen) * scale
     rate = float(det.flags(det.score(fresh)).float().mean())
     assert rate == pytest.approx(0.2, abs=0.12), rate
+
+
+def test_knn_bank_dtype_bfloat16_scores_close_to_float32():
+    torch.manual_seed(0)
+    calib, x = torch.randn(512, 64), torch.randn(32, 64)
+    exact = RareDetector(64, DetectorConfig(metric="knn", knn_k=5))
+    fast = RareDetector(64, DetectorConfig(metric="knn", knn_k=5, knn_bank_dtype="bfloat16"))
+    exact.fit(calib)
+    fast.fit(calib)
+    assert exact.bank.dtype == torch.float32 and fast.bank.dtype == torch.bfloat16  # auto: fp32 on the CPU
+    assert torch.allclose(fast.score(x), exact.score(x), atol=2e-2)
+    with pytest.raises(ValueError, match="knn_bank_dtype"):
+        DetectorConfig(metric="knn", knn_bank_dtype="half")

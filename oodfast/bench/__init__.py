@@ -50,6 +50,11 @@ def run_bench(device: str | torch.device, stages: Sequence[str], *, quick: bool 
     return report
 
 
+def failures(report: dict[str, Any]) -> list[str]:
+    """One line per path that could not be measured."""
+    return [f"{r['stage']}: {r['path']}, {r['case']}: {r['error']}" for r in report["rows"] if "error" in r]
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """The report as markdown: environment, then one table per stage."""
     from oodfast.report import markdown_table
@@ -62,6 +67,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     text = head
     for stage in report["stages"]:
         rows = [r for r in report["rows"] if r["stage"] in (stage, "train" if stage == "step" else stage)]
+        failed = [r for r in rows if "error" in r]
+        rows = [r for r in rows if "error" not in r]
         vs_torch = any(r.get("vs_torch") is not None for r in rows)
         table = [(r["case"], r["path"], round(r["items_per_s"], 1), round(r["us_per_call"], 1),
                   f"{r['us_p10']:.0f}-{r['us_p90']:.0f}", _fmt(r.get("speedup"), "x"))
@@ -73,6 +80,8 @@ def report_markdown(report: dict[str, Any]) -> str:
             ["case", "path", unit, "us/call", "p10-p90 us", "speedup"] + (["vs torch"] if vs_torch else [])
             + ["of limit", "peak mem", "first call"], table)
         text += f"\n{COLUMNS.get(stage, COLUMNS['*'])}\n"
+        for r in failed:
+            text += f"\n**Not measured:** {r['path']}, {r['case']}: {r['error']}\n"
         for r in rows:
             if r.get("ood_overhead") is not None:
                 mode = "teacher detector" if r["path"] == "compiled" else r["path"].removeprefix("compiled, ")
@@ -85,8 +94,10 @@ def report_markdown(report: dict[str, Any]) -> str:
     return text
 
 
-_COMMON = ("speedup: over the stage's reference (seed) path in the same case. first call: seconds of the first, "
-           "untimed call (compilation, autotuning, worker start-up), apart from the steady state. peak mem: CUDA only.")
+_COMMON = ("speedup: over the stage's reference path in the same case (the seed's; eager for the step). first call: "
+           "the first, untimed call (compilation, autotuning, worker start-up; for a CUDA graph its capture), apart "
+           "from the steady state. peak mem (CUDA only): the torch allocator's peak while the path ran, tensors "
+           "alive before it included; DALI's own GPU memory is not counted.")
 #: The column notes under each stage's table (what "of limit" means there).
 COLUMNS = {
     "aug": "of limit: share of DALI decode-only throughput (same decoder placement). " + _COMMON,
@@ -102,7 +113,9 @@ def _fmt(value: float | None, unit: str) -> str:
         return ""
     if unit == "%":
         return f"{value * 100:.0f}%"
-    return f"{value:.1f}{unit}" if unit == " s" else f"{value:.2f}{unit}"
+    if unit == " s":
+        return f"{value:.1f} s" if value >= 1 else f"{value * 1e3:.1f} ms"
+    return f"{value:.2f}{unit}"
 
 
 def require_matplotlib() -> None:

@@ -9,6 +9,7 @@ and on CUDA the peak memory allocated while the path ran (the counter is reset b
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 import subprocess
@@ -30,7 +31,7 @@ def sync(device: torch.device | str) -> None:
 
 @dataclass
 class Timing:
-    """Seconds per call: median and the 10th / 90th percentiles of ``repeats`` timed calls."""
+    """Seconds per call: median and the 10th / 90th percentiles over ``repeats`` timed samples."""
 
     median_s: float
     p10_s: float
@@ -38,13 +39,20 @@ class Timing:
     repeats: int
     first_call_s: float  # the first (warm-up) call: includes compilation where there is any
     peak_mem_gib: float | None = None  # CUDA only: peak allocated from the first call to the last
+    calls_per_sample: int = 1
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
 
 
-def time_fn(fn: Callable[[], Any], device: torch.device | str, *, warmup: int = 2, repeats: int = 10) -> Timing:
-    """Time ``fn`` (device-synchronised around every call)."""
+def time_fn(fn: Callable[[], Any], device: torch.device | str, *, warmup: int = 2, repeats: int = 10,
+            min_sample_s: float = 0.0) -> Timing:
+    """Time ``fn``, synchronising the device before and after each timed sample.
+
+    A sample is one call, or with ``min_sample_s`` as many back-to-back calls as fill that time
+    (estimated from the last warm-up call), divided by their number: for microsecond calls, whose
+    single-call timing would be dominated by the host's launch and synchronisation round trip.
+    """
     cuda = torch.device(device).type == "cuda"
     sync(device)
     if cuda:
@@ -52,38 +60,51 @@ def time_fn(fn: Callable[[], Any], device: torch.device | str, *, warmup: int = 
     start = time.perf_counter()
     fn()
     sync(device)
-    first = time.perf_counter() - start
+    first = last = time.perf_counter() - start
     for _ in range(max(warmup - 1, 0)):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
         start = time.perf_counter()
         fn()
         sync(device)
-        times.append(time.perf_counter() - start)
+        last = time.perf_counter() - start
+    calls = max(1, min(10_000, math.ceil(min_sample_s / max(last, 1e-9)))) if min_sample_s else 1
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync(device)
+        times.append((time.perf_counter() - start) / calls)
     t = np.asarray(times)
     return Timing(float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90)), repeats, first,
-                  torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None)
+                  torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None, calls)
 
 
 def cuda_graphed(fn: Callable[[], Any], device: torch.device | str, *, warmup: int = 3) -> Callable[[], None]:
-    """``fn`` captured in a CUDA graph; returns the graph's replay.
+    """``fn`` captured in a CUDA graph; returns a function that replays it (and keeps ``fn`` alive).
 
     ``fn`` must be capturable: fixed input and output tensors (e.g. ``out=``) and no host sync. It is
     first run ``warmup`` times on a side stream, as torch's CUDA-graph notes prescribe, so lazy
-    initialisation and Triton's compilation happen outside the capture.
+    initialisation and Triton's compilation happen outside the capture. The capture is thread-local:
+    CUDA calls from other threads (a DALI pipeline still alive) do not invalidate it.
+
+    Raises:
+        RuntimeError: ``fn`` cannot be captured.
     """
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+
+    def replay(graph: torch.cuda.CUDAGraph = graph, fn: Callable[[], Any] = fn) -> None:
+        graph.replay()
+
+    return replay
 
 
 def copy_bandwidth_gbps(device: torch.device | str, nbytes: int = 1 << 30) -> float:

@@ -9,9 +9,11 @@ for end-to-end training). One image = all its crops.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,27 @@ Row = dict[str, Any]
 log = logging.getLogger(__name__)
 
 
+#: Path names the targets (oodfast.bench.targets) select rows by.
+SEED_SCORE, TORCH, FUSED, FUSED_GRAPH = "seed (scipy loop)", "torch", "fused (Triton)", "fused (Triton), CUDA graph"
+EAGER_STEP, COMPILED_STEP, RANDOM_REPLAY_STEP = "eager", "compiled", "compiled, random replay"
+FROZEN_STEP, END_TO_END = "compiled, frozen detector", "end to end (loader + step)"
+SEED_AUG = "seed (PIL + DataLoader)"
+
+
+def dali_path(device: torch.device | str) -> str:
+    return f"DALI {torch.device(device).type}"
+
+
 def _row(stage: str, case: str, path: str, t: Timing, items: int, device: torch.device, **extra: Any) -> Row:
     return {"stage": stage, "case": case, "path": path, "items_per_s": items / t.median_s,
             "us_per_call": t.median_s * 1e6, "us_p10": t.p10_s * 1e6, "us_p90": t.p90_s * 1e6,
-            "first_call_s": t.first_call_s, "peak_mem_gib": t.peak_mem_gib, **extra}
+            "calls_per_sample": t.calls_per_sample, "first_call_s": t.first_call_s, "peak_mem_gib": t.peak_mem_gib,
+            **extra}
+
+
+def _failed(stage: str, case: str, path: str, error: str) -> Row:
+    """A path that could not be measured: kept in the report (and named by the targets) with its error."""
+    return {"stage": stage, "case": case, "path": path, "error": error}
 
 
 def _per_call(row: Row, calls: int) -> Row:
@@ -39,9 +58,9 @@ def _per_call(row: Row, calls: int) -> Row:
 
 def _speedups(rows: list[Row], reference: str, key: str = "speedup") -> list[Row]:
     """Add ``key`` (default ``speedup``): the row's speed over the row of path ``reference`` in the same case."""
-    base = {r["case"]: r["us_per_call"] for r in rows if r["path"] == reference}
+    base = {r["case"]: r["us_per_call"] for r in rows if r["path"] == reference and "error" not in r}
     for r in rows:
-        if r["case"] in base:
+        if r["case"] in base and "error" not in r:
             r[key] = base[r["case"]] / r["us_per_call"]
     return rows
 
@@ -79,27 +98,41 @@ def bench_detect(device: torch.device, quick: bool) -> list[Row]:
             paths: list[tuple[str, Callable[[], Any]]] = []
             if metric == "euclidean" and B <= 1024:
                 mean = det.center.unsqueeze(0)
-                paths.append(("seed (scipy loop)", lambda x=x, mean=mean: [_euclidean(r, mean) for r in x]))
+                paths.append((SEED_SCORE, lambda x=x, mean=mean: [_euclidean(r, mean) for r in x]))
             if metric == "knn":
-                paths.append(("torch", lambda x=x, det=det: knn_score_reference(x, det.bank, det.config.knn_k)))
+                paths.append((TORCH, lambda x=x, det=det: knn_score_reference(x, det.bank, det.config.knn_k)))
             else:
-                paths.append(("torch", lambda x=x, det=det: rare_score_reference(
+                paths.append((TORCH, lambda x=x, det=det: rare_score_reference(
                     x, det.center, det.proj, det.coef, det.alpha, det.metric_id)))
+            fused = lambda x=x, det=det, out=out: det.score(x, out=out)  # noqa: E731
             if gpu:
-                fused = lambda x=x, det=det, out=out: det.score(x, out=out)  # noqa: E731
-                paths.append(("fused (Triton)", fused))
-                try:
-                    paths.append(("fused (Triton), CUDA graph", cuda_graphed(fused, device)))
-                except RuntimeError as e:  # not capturable: say so in the log, keep the eager figure
-                    log.warning("bench detect %s: CUDA-graph capture failed (%s); no graphed row", case, e)
+                paths.append((FUSED, fused))
             for name, fn in paths:
-                seed = name.startswith("seed")
-                t = time_fn(fn, device, warmup=3 if seed else 10, repeats=3 if seed else repeats)
-                gbps = B * D * x.element_size() / t.median_s / 1e9
-                rows.append(_row("detect", case, name, t, B, device, gbps=gbps,
-                                 limit=gbps / bandwidth if bandwidth else None))
-    _speedups(rows, "torch", key="vs_torch")
-    return _speedups(rows, "seed (scipy loop)")
+                seed = name == SEED_SCORE
+                t = time_fn(fn, device, warmup=3 if seed else 10, repeats=3 if seed else repeats,
+                            min_sample_s=0 if seed else 2e-3)
+                rows.append(_detect_row(case, name, t, B, x, bandwidth, device))
+            if gpu:  # the same op replayed from a CUDA graph: no launch overhead (first call = capture)
+                start = time.perf_counter()
+                try:
+                    replay = cuda_graphed(fused, device)
+                except RuntimeError as e:
+                    log.warning("bench detect %s: CUDA-graph capture failed: %s", case, e)
+                    rows.append(_failed("detect", case, FUSED_GRAPH, f"CUDA-graph capture failed: {e}"))
+                    continue
+                capture_s = time.perf_counter() - start
+                t = time_fn(replay, device, warmup=3, repeats=repeats, min_sample_s=2e-3)
+                rows.append(_detect_row(case, FUSED_GRAPH, t, B, x, bandwidth, device, first_call_s=capture_s))
+    _speedups(rows, TORCH, key="vs_torch")
+    return _speedups(rows, SEED_SCORE)
+
+
+def _detect_row(case: str, path: str, t: Timing, B: int, x: torch.Tensor, bandwidth: float | None,
+                device: torch.device, **extra: Any) -> Row:
+    """A detect row: rows/s, the GB/s of reading x once, and its share of the copy bandwidth."""
+    gbps = x.numel() * x.element_size() / t.median_s / 1e9
+    return _row("detect", case, path, t, B, device, gbps=gbps, limit=gbps / bandwidth if bandwidth else None,
+                **extra)
 
 
 # ---- ring: the seed's deque of view lists + stack/cat vs RareRing ------------------------------------
@@ -186,10 +219,10 @@ def bench_step(device: torch.device, quick: bool, workdir: Path) -> list[Row]:
         return TrainConfig.cpu(batch_size_per_gpu=8, epochs=1, epoch_length=8 * 6, calib_size=16, buffer_size=4,
                                output_dir=str(workdir / "step"), **overrides)
 
-    runs = [("eager", dict(compile=False)), ("compiled", dict(compile=True)),
-            ("compiled, random replay", dict(compile=True, replay="random"))]
+    runs = [(EAGER_STEP, dict(compile=False)), (COMPILED_STEP, dict(compile=True)),
+            (RANDOM_REPLAY_STEP, dict(compile=True, replay="random"))]
     if gpu or not quick:  # the frozen detector embeds the global crops with a second ResNet-50
-        runs.append(("compiled, frozen detector", dict(compile=True, detector="frozen",
+        runs.append((FROZEN_STEP, dict(compile=True, detector="frozen",
                                                        detector_weights=str(random_resnet50_weights(workdir)))))
     rows: list[Row] = []
     repeats = 10 if gpu else 3
@@ -198,17 +231,19 @@ def bench_step(device: torch.device, quick: bool, workdir: Path) -> list[Row]:
         case = f"{t.cfg.arch} B={t.B}+C={t.cfg.buffer_size}"
         rows.append(_row("step", case, name, time_fn(lambda t=t: train_step(t), device, repeats=repeats), t.B, device))
         del t
-    _speedups(rows, "eager")
-    replay = next(r for r in rows if r["path"] == "compiled, random replay")
+        _release(device)  # so the next path's peak memory does not count this trainer
+    _speedups(rows, EAGER_STEP)
+    replay = next(r for r in rows if r["path"] == RANDOM_REPLAY_STEP)
     for r in rows:  # detection's cost at equal rows (B + C), per detector mode
-        if r["path"] in ("compiled", "compiled, frozen detector"):
+        if r["path"] in (COMPILED_STEP, FROZEN_STEP):
             r["ood_overhead"] = r["us_per_call"] / replay["us_per_call"] - 1
-    step_only = next(r for r in rows if r["path"] == "compiled")
+    step_only = next(r for r in rows if r["path"] == COMPILED_STEP)
 
     t = Trainer(config(compile=True), device=device, progress=False)
     t.calibrate()
     t.warm_up()
     t.resumed = True
+    t.save = lambda *args, **kwargs: None  # loader + step: the per-epoch checkpoint write is not timed
 
     def epoch() -> None:
         t.step = 0
@@ -216,10 +251,17 @@ def bench_step(device: torch.device, quick: bool, workdir: Path) -> list[Row]:
 
     timing = time_fn(epoch, device, warmup=1, repeats=2)
     images = t.steps_per_epoch * t.B
-    end_to_end = _per_call(_row("train", step_only["case"], "end to end (loader + step)", timing, images, device),
+    end_to_end = _per_call(_row("train", step_only["case"], END_TO_END, timing, images, device),
                            t.steps_per_epoch)  # per step, comparable with the step rows
     end_to_end["limit"] = step_only["us_per_call"] / end_to_end["us_per_call"]  # share of step-only throughput
     return rows + [end_to_end]
+
+
+def _release(device: torch.device) -> None:
+    """Free what dropped objects held (a Trainer holds reference cycles through its compiled methods)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def random_resnet50_weights(workdir: Path) -> Path:
@@ -257,14 +299,14 @@ def bench_aug(device: torch.device, quick: bool, workdir: Path) -> list[Row]:
 
         timing = time_fn(epoch, device, warmup=1, repeats=2 if not quick else 1)
         images = len(loader) * B
-        name = {"reference": "seed (PIL + DataLoader)", "dali": f"DALI {device.type}", "torch": "torchvision"}[backend]
+        name = {"reference": SEED_AUG, "dali": dali_path(device), "torch": "torchvision"}[backend]
         rows.append(_per_call(_row("aug", f"{spec['width']}x{spec['height']} JPEG, 2x224 + 6x96, batch {B}", name,
                                    timing, images, device), len(loader)))
     decode = _decode_only(files.images, B, device)
     for r in rows:
         r["limit"] = r["items_per_s"] / decode
         r["decode_only_images_per_s"] = decode
-    return _speedups(rows, "seed (PIL + DataLoader)")
+    return _speedups(rows, SEED_AUG)
 
 
 def _decode_only(paths: list[Path], batch_size: int, device: torch.device) -> float:

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from oodfast.bench.stages import COMPILED_STEP, END_TO_END, FUSED, FUSED_GRAPH, TORCH, dali_path
+
 Row = dict[str, Any]
 
 
@@ -37,40 +39,42 @@ class Target:
     unit: str = ""
     best: Callable[[Iterable[float]], float] = max
 
-    def rows(self, report: dict[str, Any]) -> list[Row]:
+    def rows(self, report: dict[str, Any], *, failed: bool = False) -> list[Row]:
+        """The measured rows this target reads (``failed``: the rows of its path that failed instead)."""
         return [r for r in report["rows"] if r["stage"] == self.stage and r["path"] == self.path
-                and r["case"].startswith(self.case) and r.get(self.figure) is not None]
+                and r["case"].startswith(self.case)
+                and (("error" in r) if failed else (r.get(self.figure) is not None))]
 
 
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt}
 
 #: The bounds, as the issues state them (kernels: detect; multi-crop: aug; trainer: step / train).
 TARGETS: tuple[Target, ...] = (
-    Target("fused euclidean, B=1024 bf16, eager", "cuda", "detect", "fused (Triton)", "euclidean B=1024 ",
+    Target("fused euclidean, B=1024 bf16, eager", "cuda", "detect", FUSED, "euclidean B=1024 ",
            "us_per_call", "<=", 10, " us", best=min),
-    Target("fused euclidean, B=1024 bf16, in a CUDA graph", "cuda", "detect", "fused (Triton), CUDA graph",
+    Target("fused euclidean, B=1024 bf16, in a CUDA graph", "cuda", "detect", FUSED_GRAPH,
            "euclidean B=1024 ", "us_per_call", "<=", 5, " us", best=min),
-    Target("fused euclidean, B=65536: share of the copy bandwidth", "cuda", "detect", "fused (Triton)",
+    Target("fused euclidean, B=65536: share of the copy bandwidth", "cuda", "detect", FUSED,
            "euclidean B=65536 ", "limit", ">=", 0.80),
-    Target("fused mahalanobis, B=1024", "cuda", "detect", "fused (Triton)", "mahalanobis B=1024 ",
+    Target("fused mahalanobis, B=1024", "cuda", "detect", FUSED, "mahalanobis B=1024 ",
            "us_per_call", "<=", 25, " us", best=min),
-    Target("fused knn against a 100k bank (best B)", "cuda", "detect", "fused (Triton)", "knn ",
+    Target("fused knn against a 100k bank (best B)", "cuda", "detect", FUSED, "knn ",
            "items_per_s", ">=", 1e6, " queries/s"),
-    Target("DALI GPU multi-crop from 1280x720", "cuda", "aug", "DALI cuda", "1280x720", "items_per_s", ">=", 3000,
+    Target("DALI GPU multi-crop from 1280x720", "cuda", "aug", dali_path("cuda"), "1280x720", "items_per_s", ">=", 3000,
            " images/s"),
-    Target("DALI GPU over the reference (workers = cores)", "cuda", "aug", "DALI cuda", "1280x720", "speedup", ">=", 8,
+    Target("DALI GPU over the reference (workers = cores)", "cuda", "aug", dali_path("cuda"), "1280x720", "speedup", ">=", 8,
            "x"),
-    Target("DALI GPU: share of decode-only", "cuda", "aug", "DALI cuda", "1280x720", "limit", ">=", 0.80),
-    Target("ResNet-50 DINO step, compiled (8 crops per image)", "cuda", "step", "compiled", "resnet50 ",
+    Target("DALI GPU: share of decode-only", "cuda", "aug", dali_path("cuda"), "1280x720", "limit", ">=", 0.80),
+    Target("ResNet-50 DINO step, compiled (8 crops per image)", "cuda", "step", COMPILED_STEP, "resnet50 ",
            "items_per_s", ">=", 1100, " images/s"),
-    Target("compiled step over eager", "cuda", "step", "compiled", "resnet50 ", "speedup", ">=", 1.15, "x"),
-    Target("end to end: share of step-only", "cuda", "train", "end to end (loader + step)", "resnet50 ", "limit",
+    Target("compiled step over eager", "cuda", "step", COMPILED_STEP, "resnet50 ", "speedup", ">=", 1.15, "x"),
+    Target("end to end: share of step-only", "cuda", "train", END_TO_END, "resnet50 ", "limit",
            ">=", 0.90),
-    Target("teacher-detector OOD overhead at equal rows", "cuda", "step", "compiled", "resnet50 ", "ood_overhead",
+    Target("teacher-detector OOD overhead at equal rows", "cuda", "step", COMPILED_STEP, "resnet50 ", "ood_overhead",
            "<=", 0.03, best=min),
-    Target("torch scoring over the seed's scipy loop, euclidean B=1024 D=2048", "cpu", "detect", "torch",
+    Target("torch scoring over the seed's scipy loop, euclidean B=1024 D=2048", "cpu", "detect", TORCH,
            "euclidean B=1024 D=2048", "speedup", ">=", 100, "x"),
-    Target("DALI CPU over the reference", "cpu", "aug", "DALI cpu", "", "speedup", ">", 1, "x"),
+    Target("DALI CPU over the reference", "cpu", "aug", dali_path("cpu"), "", "speedup", ">", 1, "x"),
 )
 
 
@@ -95,6 +99,8 @@ def check_targets(report: dict[str, Any], targets: Iterable[Target] = TARGETS) -
             verdict["status"] = f"not measured (a {t.device_type} target; this report is {device_type})"
         elif t.stage not in stages:
             verdict["status"] = f"not measured (stage {'step' if t.stage == 'train' else t.stage} did not run)"
+        elif not rows and t.rows(report, failed=True):
+            verdict["status"] = f"not measured (failed: {t.rows(report, failed=True)[0]['error']})"
         elif not rows:
             verdict["status"] = "not measured (no such row at these sizes)"
         else:

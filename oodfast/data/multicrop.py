@@ -734,7 +734,7 @@ def require_dali(alternative: str = ALTERNATIVE_BACKENDS) -> None:
     """Raise a ValueError that says what to do (install DALI, or ``alternative``) when DALI cannot be imported."""
     try:
         import nvidia.dali  # noqa: F401
-    except ImportError as e:
+    except (ImportError, OSError) as e:  # OSError: an installed DALI whose shared libraries do not load
         raise ValueError(f"the DALI multi-crop backend needs NVIDIA DALI, which cannot be imported ({e}). "
                          f"Install it with `pip install nvidia-dali-cuda130` (Linux only), or {alternative}") from None
 
