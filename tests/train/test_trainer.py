@@ -237,6 +237,42 @@ def test_two_process_gloo_run(data_root, tmp_path):
     assert (out / "checkpoint.pth").exists()
 
 
+@pytest.mark.slow
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(data_root, tmp_path):
+    """torchrun, 2 CPU processes: SIGTERM reaches rank 1 only; both ranks stop after the same step
+    (otherwise the next collective would hang) and rank 0 checkpoints it."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp-stop"
+    script = (
+        "import os, signal, sys; sys.path.insert(0, %r)\n"
+        "from test_trainer import tiny\n"
+        "from oodfast.train.trainer import Trainer, TrainingInterrupted\n"
+        "import torch.distributed as dist\n"
+        "t = Trainer(tiny(%r, __import__('pathlib').Path(%r), epoch_length=64), progress=False)\n"
+        "post = t._post\n"
+        "def post_then_signal(*a):\n"
+        "    post(*a)\n"
+        "    if dist.get_rank() == 1 and t.step == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "t._post = post_then_signal\n"
+        "try:\n"
+        "    t.train()\n"
+        "except TrainingInterrupted as e:\n"
+        "    print('RANK', dist.get_rank(), 'STOPPED AT', t.step, flush=True)\n"
+        "dist.destroy_process_group()\n"
+    ) % (str(Path(__file__).parent), data_root, str(out))
+    (tmp_path / "ddp_stop.py").write_text(script)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29534", str(tmp_path / "ddp_stop.py")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("RANK"))
+    assert lines == ["RANK 0 STOPPED AT 3", "RANK 1 STOPPED AT 3"], proc.stdout[-2000:]
+    assert load_checkpoint(out / "checkpoint.pth")["step"] == 3
+
+
 def test_tensorboard_option(data_root, tmp_path):
     try:
         import tensorboard  # noqa: F401
