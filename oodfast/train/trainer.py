@@ -69,8 +69,9 @@ class TrainingInterrupted(RuntimeError):
 class StopSignals:
     """While entered, SIGTERM and SIGINT set ``signum`` instead of stopping the process, so the training
     loop can finish its step and checkpoint. A second signal restores the previous handlers and
-    re-raises itself: it stops at once, as it would have without this. Only the main thread can
-    install handlers; elsewhere this does nothing (and ``signum`` stays None).
+    re-raises itself: it stops at once, as it would have without this. A signal the process ignores
+    (``nohup``, a background job's SIGINT) stays ignored. Only the main thread can install handlers;
+    elsewhere this does nothing (and ``signum`` stays None).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -81,7 +82,9 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            for s in self.SIGNALS:
+                if signal.getsignal(s) is not signal.SIG_IGN:  # an ignored signal (nohup, `&`) stays ignored
+                    self._previous[s] = signal.signal(s, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:

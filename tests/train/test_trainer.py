@@ -107,16 +107,27 @@ def test_sigterm_mid_epoch_checkpoints_that_step_and_resume_continues_exactly(da
     assert torch.equal(resumed.ring.ring_ids, full.ring.ring_ids)
 
 
-def test_a_second_signal_stops_at_once():
+def test_a_second_signal_goes_to_the_previous_handler_and_ignored_signals_stay_ignored():
     import signal
 
-    handler_before = signal.getsignal(signal.SIGINT)
-    with StopSignals() as stop:
-        signal.raise_signal(signal.SIGINT)
-        assert stop.signum == signal.SIGINT  # the first one only asks
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)  # Python's own SIGINT handler again
-    assert signal.getsignal(signal.SIGINT) is handler_before
+    seen = []
+
+    def previous(signum, frame):
+        seen.append(signum)
+
+    saved = signal.signal(signal.SIGTERM, previous), signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job
+        with StopSignals() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGTERM)
+            assert stop.signum == signal.SIGTERM and seen == []  # the first one only asks
+            signal.raise_signal(signal.SIGTERM)
+            assert seen == [signal.SIGTERM]  # the second one: what would have happened without us
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        signal.signal(signal.SIGTERM, saved[0])
+        signal.signal(signal.SIGINT, saved[1])
 
 
 def test_cli_exits_as_the_signal_would_and_says_how_to_resume(monkeypatch, tmp_path):
@@ -206,31 +217,35 @@ def test_compiled_steps_match_eager_without_recompiling(data_root, tmp_path):
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-3)
 
 
-@pytest.mark.slow
-def test_two_process_gloo_run(data_root, tmp_path):
-    """torchrun with 2 CPU processes: DDP over gloo, sharded data, one ring per rank, rank 0 saves."""
+def torchrun2(tmp_path: Path, name: str, body: str, port: int) -> list[str]:
+    """Run ``body`` under torchrun with 2 CPU processes (after ``tiny``, ``Trainer``, ``dist`` and
+    ``Path`` are imported); returns its stdout lines starting with RANK, sorted."""
     import subprocess
     import sys
 
-    out = tmp_path / "ddp"
-    script = (
-        "import sys, json; sys.path.insert(0, %r)\n"
-        "from test_trainer import tiny\n"
-        "from oodfast.train.trainer import Trainer\n"
-        "import torch.distributed as dist\n"
-        "t = Trainer(tiny(%r, __import__('pathlib').Path(%r), max_steps=3, epoch_length=32), progress=False)\n"
-        "s = t.train()\n"
-        "print('RANK', dist.get_rank(), 'WORLD', dist.get_world_size(), 'STEPS', s['steps'],"
-        " 'IDS', t._ids.tolist(), flush=True)\n"
-        "dist.destroy_process_group()\n"
-    ) % (str(Path(__file__).parent), data_root, str(out))
-    (tmp_path / "ddp_run.py").write_text(script)
+    head = (f"import os, signal, sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            "from pathlib import Path\n"
+            "from test_trainer import tiny\n"
+            "from oodfast.train.trainer import Trainer, TrainingInterrupted\n"
+            "import torch.distributed as dist\n")
+    (tmp_path / f"{name}.py").write_text(head + body + "dist.destroy_process_group()\n")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29533", str(tmp_path / "ddp_run.py")],
+                           "--master_port", str(port), str(tmp_path / f"{name}.py")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RANK")]
-    assert sorted(line.split()[1] for line in lines) == ["0", "1"]
+    return sorted(line for line in proc.stdout.splitlines() if line.startswith("RANK"))
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run(data_root, tmp_path):
+    """torchrun with 2 CPU processes: DDP over gloo, sharded data, one ring per rank, rank 0 saves."""
+    out = tmp_path / "ddp"
+    lines = torchrun2(tmp_path, "ddp_run", (
+        f"t = Trainer(tiny({data_root!r}, Path({str(out)!r}), max_steps=3, epoch_length=32), progress=False)\n"
+        "s = t.train()\n"
+        "print('RANK', dist.get_rank(), 'WORLD', dist.get_world_size(), 'STEPS', s['steps'],"
+        " 'IDS', t._ids.tolist(), flush=True)\n"), port=29533)
+    assert [line.split()[1] for line in lines] == ["0", "1"]
     assert all("WORLD 2 STEPS 3" in line for line in lines)
     ids = [set(eval(line.split("IDS ")[1])) for line in lines]
     assert not ids[0] & ids[1], "the two ranks must see different images"
@@ -241,16 +256,9 @@ def test_two_process_gloo_run(data_root, tmp_path):
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(data_root, tmp_path):
     """torchrun, 2 CPU processes: SIGTERM reaches rank 1 only; both ranks stop after the same step
     (otherwise the next collective would hang) and rank 0 checkpoints it."""
-    import subprocess
-    import sys
-
     out = tmp_path / "ddp-stop"
-    script = (
-        "import os, signal, sys; sys.path.insert(0, %r)\n"
-        "from test_trainer import tiny\n"
-        "from oodfast.train.trainer import Trainer, TrainingInterrupted\n"
-        "import torch.distributed as dist\n"
-        "t = Trainer(tiny(%r, __import__('pathlib').Path(%r), epoch_length=64), progress=False)\n"
+    lines = torchrun2(tmp_path, "ddp_stop", (
+        f"t = Trainer(tiny({data_root!r}, Path({str(out)!r}), epoch_length=64), progress=False)\n"
         "post = t._post\n"
         "def post_then_signal(*a):\n"
         "    post(*a)\n"
@@ -259,17 +267,9 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(data_root, tmp_p
         "t._post = post_then_signal\n"
         "try:\n"
         "    t.train()\n"
-        "except TrainingInterrupted as e:\n"
-        "    print('RANK', dist.get_rank(), 'STOPPED AT', t.step, flush=True)\n"
-        "dist.destroy_process_group()\n"
-    ) % (str(Path(__file__).parent), data_root, str(out))
-    (tmp_path / "ddp_stop.py").write_text(script)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29534", str(tmp_path / "ddp_stop.py")],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("RANK"))
-    assert lines == ["RANK 0 STOPPED AT 3", "RANK 1 STOPPED AT 3"], proc.stdout[-2000:]
+        "except TrainingInterrupted:\n"
+        "    print('RANK', dist.get_rank(), 'STOPPED AT', t.step, flush=True)\n"), port=29534)
+    assert lines == ["RANK 0 STOPPED AT 3", "RANK 1 STOPPED AT 3"]
     assert load_checkpoint(out / "checkpoint.pth")["step"] == 3
 
 
