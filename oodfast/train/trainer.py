@@ -69,21 +69,25 @@ class TrainingInterrupted(RuntimeError):
 class StopSignals:
     """While entered, SIGTERM and SIGINT set ``signum`` instead of stopping the process, so the training
     loop can finish its step and checkpoint. A second signal restores the previous handlers and
-    re-raises itself: it stops at once, as it would have without this. A signal the process ignores
-    (``nohup``, a background job's SIGINT) stays ignored. Only the main thread can install handlers;
-    elsewhere this does nothing (and ``signum`` stays None).
+    re-raises itself: it stops at once, as it would have without this, except while ``deferring``
+    (the checkpoint is being written: the stop is under way). A signal the process ignores (a
+    background job's SIGINT) stays ignored. Only the main thread can install handlers; elsewhere this
+    does nothing (and ``signum`` stays None).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.deferring = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
-                if signal.getsignal(s) is not signal.SIG_IGN:  # an ignored signal (nohup, `&`) stays ignored
+                current = signal.getsignal(s)
+                # leave alone a signal the process ignores, or whose handler was not set from Python (None)
+                if current is not signal.SIG_IGN and current is not None:
                     self._previous[s] = signal.signal(s, self._handle)
         return self
 
@@ -93,13 +97,26 @@ class StopSignals:
         self._previous = {}
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.signum is not None:
+        # Only flags and os.write here: buffered I/O from a signal handler can raise "reentrant call".
+        name = signal.Signals(signum).name
+        if self.signum is None:
+            self.signum = signum
+            os.write(2, f"\noodfast: {name}: stopping after this step with a checkpoint (again: stop at once)\n"
+                        .encode())
+        elif self.deferring:
+            os.write(2, f"\noodfast: {name}: the checkpoint is being written; stopping right after\n".encode())
+        else:
             self.__exit__()
             signal.raise_signal(signum)
-            return
-        self.signum = signum
-        log.warning("%s: stopping after this step with a checkpoint (send it again to stop at once)",
-                    signal.Signals(signum).name)
+
+
+def resolve_device(device: str | torch.device | None, local_rank: int) -> torch.device:
+    """The device of this process: CUDA when available; an unindexed ``cuda`` is the GPU of LOCAL_RANK
+    (under torchrun each process drives its own GPU); an explicit index is kept."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    return torch.device("cuda", local_rank) if dev.type == "cuda" and dev.index is None else dev
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -126,10 +143,10 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, device: str | torch.device | None = None,
                  resume: str | Path | None = None, progress: bool = True) -> None:
         self.cfg = cfg = config
-        self.rank, self.world, local_rank = _distributed()
-        if device is None:
-            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # before NCCL starts: one GPU per process
+        self.rank, self.world, _ = _distributed()
         self.progress = progress and self.rank == 0
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -380,11 +397,13 @@ class Trainer:
         for epoch in range(start_epoch, cfg.epochs):
             if self.step >= total:
                 break
-            self._stop_if_asked(stop, epoch, log_path)
-            if cfg.detector == "teacher" and isinstance(self.detector, RareDetector) and epoch > 0:
+            signum = self._agree(stop)[1]  # a signal during calibration, warm-up or an epoch's last step
+            if signum:
+                self._stop(stop, epoch, log_path, signum)
+            skip = self.step - epoch * self.steps_per_epoch  # > 0: resuming inside this epoch
+            if cfg.detector == "teacher" and isinstance(self.detector, RareDetector) and epoch > 0 and skip == 0:
                 self.calibrate()  # the teacher has moved: refresh the statistics at every epoch start
             self.loader.set_epoch(epoch)
-            skip = self.step - epoch * self.steps_per_epoch
             bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {epoch}", unit="step",
                        disable=not self.progress, dynamic_ncols=True)
             # a partial epoch resumed from a checkpoint keeps the losses of its steps before the stop
@@ -394,7 +413,6 @@ class Trainer:
                     continue
                 if self.step >= total:
                     break
-                self._stop_if_asked(stop, epoch, log_path)
                 t0 = time.perf_counter()
                 self._stage(batch.views, batch.index, batch.boxes)
                 self.schedules.write_(self.step, self.sched)
@@ -403,7 +421,9 @@ class Trainer:
                     self._pre()
                 loss, teacher_feats = self._forward(self.sched.teacher_temp)
                 loss_value = float(loss.detach())  # the one host read per step (DINO reads it too)
-                if not math.isfinite(loss_value):
+                # under DDP, one all-reduce: every rank skips a step together, and stops at the same step
+                nonfinite, signum = self._agree(stop, not math.isfinite(loss_value))
+                if nonfinite:
                     bad_in_row += 1
                     log.warning("step %d: non-finite loss %s, step skipped (%d in a row)", self.step, loss_value,
                                 bad_in_row)
@@ -416,6 +436,7 @@ class Trainer:
                             "data, then --resume it")
                     self.step += 1
                     bar.update()
+                    self._stop_after_step(stop, signum, epoch, log_path)
                     continue
                 bad_in_row = 0
                 values = self.schedules.values(self.step)
@@ -442,6 +463,7 @@ class Trainer:
                                     flag=f"{last.get('flag_rate', 0):.3f}", buf=last.get("buffer", 0))
                 self.step += 1
                 bar.update()
+                self._stop_after_step(stop, signum, epoch, log_path)
             bar.close()
             if epoch_losses:
                 scalars = {k: v for k, v in last.items() if k not in ("step", "epoch", "loss")}
@@ -475,16 +497,31 @@ class Trainer:
             with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def _stop_if_asked(self, stop: StopSignals, epoch: int, log_path: Path) -> None:
-        """Between steps: if any rank got SIGTERM/SIGINT, checkpoint this step and raise TrainingInterrupted."""
+    # ---- stopping on a signal ---------------------------------------------------------------------
+    def _agree(self, stop: StopSignals, nonfinite: bool = False) -> tuple[bool, int]:
+        """(whether any rank's loss is non-finite, the signal any rank got or 0): one all-reduce under DDP,
+        so every rank takes the same decision at the same step."""
         signum = stop.signum or 0
-        if self.world > 1:  # every rank stops at the same step, or the collectives would hang
-            flag = torch.tensor([signum], dtype=torch.int64, device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            signum = int(flag.item())
-        if not signum:
-            return
+        if self.world > 1:
+            flags = torch.tensor([int(nonfinite), signum], dtype=torch.int64, device=self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            nonfinite, signum = bool(flags[0]), int(flags[1])
+        return nonfinite, signum
+
+    def _stop_after_step(self, stop: StopSignals, signum: int, epoch: int, log_path: Path) -> None:
+        """Stop now if a signal was agreed on (single process: if one arrived during the step). At the
+        end of an epoch the stop waits for the epoch's log record and checkpoint (next epoch's check)."""
+        if not signum and self.world == 1:
+            signum = stop.signum or 0
+        if signum and self.step % self.steps_per_epoch:
+            self._stop(stop, epoch, log_path, signum)
+
+    def _stop(self, stop: StopSignals, epoch: int, log_path: Path, signum: int) -> None:
+        """Checkpoint this step (rank 0; the other ranks wait for it) and raise TrainingInterrupted."""
+        stop.deferring = True  # a second signal now would kill the process mid-write: it waits
         self.save(epoch, numbered=False)  # mid-epoch or not, checkpoint.pth holds this step
+        if self.world > 1:
+            dist.barrier()  # no rank exits (and makes torchrun kill rank 0) before the checkpoint is written
         name = signal.Signals(signum).name
         self._log(log_path, {"step": self.step, "epoch": epoch, "event": "interrupted", "signal": name})
         ckpt = self.out / "checkpoint.pth"

@@ -14,7 +14,7 @@ from torchvision import models
 from oodfast.detect import RandomDetector, RareDetector
 from oodfast.train.checkpoint import CheckpointError, load_checkpoint
 from oodfast.train.config import TrainConfig
-from oodfast.train.trainer import StopSignals, Trainer, TrainingDiverged, TrainingInterrupted
+from oodfast.train.trainer import StopSignals, Trainer, TrainingDiverged, TrainingInterrupted, resolve_device
 
 SPEC = dict(num_images=64, seed=0, width=128, height=72)
 
@@ -77,10 +77,13 @@ def test_sigterm_mid_epoch_checkpoints_that_step_and_resume_continues_exactly(da
     import os
     import signal
 
-    full = Trainer(tiny(data_root, tmp_path / "full"), progress=False)
+    # an online threshold and a fast-moving teacher: a resume that re-fitted the detector, or lost its
+    # adapted threshold, would show in the per-step records
+    moving = dict(threshold="online", momentum_teacher=0.9)
+    full = Trainer(tiny(data_root, tmp_path / "full", **moving), progress=False)
     full.train()
     out = tmp_path / "part"
-    trainer = Trainer(tiny(data_root, out), progress=False)
+    trainer = Trainer(tiny(data_root, out, **moving), progress=False)
     post = trainer._post
 
     def post_then_preempt(*args):  # SIGTERM arrives during step 5 (the second of epoch 1's four)
@@ -100,11 +103,20 @@ def test_sigterm_mid_epoch_checkpoints_that_step_and_resume_continues_exactly(da
     events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert {"step": 6, "epoch": 1, "event": "interrupted", "signal": "SIGTERM"} in events
 
-    resumed = Trainer(tiny(data_root, out), progress=False, resume=out / "checkpoint.pth")
+    resumed = Trainer(tiny(data_root, out, **moving), progress=False, resume=out / "checkpoint.pth")
     resumed.train()
-    assert losses(out) == pytest.approx(losses(tmp_path / "full"), rel=1e-5)
+    keys = ("step", "loss", "threshold", "flag_rate", "buffer")
+    assert records(out, keys) == pytest.approx(records(tmp_path / "full", keys), rel=1e-5)
     assert load_checkpoint(out / "checkpoint.pth")["step"] == 8
     assert torch.equal(resumed.ring.ring_ids, full.ring.ring_ids)
+    for name, value in full.detector.state_dict().items():
+        torch.testing.assert_close(resumed.detector.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def records(out: Path, keys: tuple[str, ...]) -> list[float]:
+    """The per-step (and epoch-end) records of a run's log, reduced to ``keys``, flattened."""
+    recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [float(r[k]) for r in recs if "lr" in r for k in keys]
 
 
 def test_a_second_signal_goes_to_the_previous_handler_and_ignored_signals_stay_ignored():
@@ -128,6 +140,13 @@ def test_a_second_signal_goes_to_the_previous_handler_and_ignored_signals_stay_i
     finally:
         signal.signal(signal.SIGTERM, saved[0])
         signal.signal(signal.SIGINT, saved[1])
+
+
+def test_each_torchrun_process_drives_the_gpu_of_its_local_rank():
+    assert resolve_device("cuda", 3) == torch.device("cuda", 3)  # `--device cuda` under torchrun
+    assert resolve_device("cuda:1", 3) == torch.device("cuda", 1)  # an explicit index is kept
+    assert resolve_device("cpu", 3) == torch.device("cpu")
+    assert resolve_device(None, 2) == (torch.device("cuda", 2) if torch.cuda.is_available() else torch.device("cpu"))
 
 
 def test_cli_exits_as_the_signal_would_and_says_how_to_resume(monkeypatch, tmp_path):
@@ -217,9 +236,10 @@ def test_compiled_steps_match_eager_without_recompiling(data_root, tmp_path):
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-3)
 
 
-def torchrun2(tmp_path: Path, name: str, body: str, port: int) -> list[str]:
+def torchrun2(tmp_path: Path, name: str, body: str, port: int, returncode: int | None = 0) -> list[str]:
     """Run ``body`` under torchrun with 2 CPU processes (after ``tiny``, ``Trainer``, ``dist`` and
-    ``Path`` are imported); returns its stdout lines starting with RANK, sorted."""
+    ``Path`` are imported); returns its stdout lines starting with RANK, sorted. ``returncode``: the
+    expected exit status (None: any non-zero)."""
     import subprocess
     import sys
 
@@ -232,7 +252,7 @@ def torchrun2(tmp_path: Path, name: str, body: str, port: int) -> list[str]:
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(port), str(tmp_path / f"{name}.py")],
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode != 0 if returncode is None else proc.returncode == returncode, proc.stderr[-3000:]
     return sorted(line for line in proc.stdout.splitlines() if line.startswith("RANK"))
 
 
@@ -255,7 +275,7 @@ def test_two_process_gloo_run(data_root, tmp_path):
 @pytest.mark.slow
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(data_root, tmp_path):
     """torchrun, 2 CPU processes: SIGTERM reaches rank 1 only; both ranks stop after the same step
-    (otherwise the next collective would hang) and rank 0 checkpoints it."""
+    (otherwise the next collective would hang) and rank 0 checkpoints it before any rank exits."""
     out = tmp_path / "ddp-stop"
     lines = torchrun2(tmp_path, "ddp_stop", (
         f"t = Trainer(tiny({data_root!r}, Path({str(out)!r}), epoch_length=64), progress=False)\n"
@@ -269,8 +289,42 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(data_root, tmp_p
         "    t.train()\n"
         "except TrainingInterrupted:\n"
         "    print('RANK', dist.get_rank(), 'STOPPED AT', t.step, flush=True)\n"), port=29534)
-    assert lines == ["RANK 0 STOPPED AT 3", "RANK 1 STOPPED AT 3"]
-    assert load_checkpoint(out / "checkpoint.pth")["step"] == 3
+    # the ranks agree at the next step's loss read: the signal, sent after step 2's agreement, stops
+    # both after step 3 (t.step 4)
+    assert lines == ["RANK 0 STOPPED AT 4", "RANK 1 STOPPED AT 4"]
+    assert load_checkpoint(out / "checkpoint.pth")["step"] == 4
+
+
+@pytest.mark.slow
+def test_torchrun_cli_run_stopped_by_a_signal_leaves_the_checkpoint_of_that_step(data_root, tmp_path):
+    """Through `oodfast train` under torchrun, with a slow checkpoint write: both ranks get SIGTERM (a
+    scheduler signalling the whole job); rank 1 exits 143 as soon as it may, and torchrun then sends
+    rank 0 a second SIGTERM. The barrier after the save and the deferred second signal keep rank 0
+    alive until the checkpoint is complete."""
+    out = tmp_path / "ddp-cli"
+    torchrun2(tmp_path, "ddp_cli", (
+        "import time\n"
+        "import oodfast.train.trainer as trainer_module\n"
+        "from oodfast.cli import main\n"
+        "save = trainer_module.save_checkpoint\n"
+        "trainer_module.save_checkpoint = lambda *a, **k: (time.sleep(2), save(*a, **k))[1]\n"
+        "stage = Trainer._stage\n"
+        "def stage_then_signal(self, *a):\n"
+        "    if self.step == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return stage(self, *a)\n"
+        "Trainer._stage = stage_then_signal\n"
+        f"sys.argv = ['oodfast', 'train', '--data', 'synthetic', '--data-root', {data_root!r}, '--preset', 'cpu',\n"
+        "    '--arch', 'resnet18', '--out_dim', '64', '--global-size', '32', '--local-size', '16',\n"
+        "    '--local_crops_number', '2', '--batch_size_per_gpu', '4', '--epochs', '2', '--epoch-length', '64',\n"
+        "    '--buffer-size', '2', '--calib-size', '8', '--no-compile', '--synthetic-images', '64',\n"
+        f"    '--synthetic-size', '128x72', '--output_dir', {str(out)!r}]\n"
+        "main()\n"), port=29535, returncode=None)
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    assert ckpt["step"] == 3  # agreed at step 2's loss read: both ranks stop after step 2
+    assert not list(out.glob(".checkpoint.pth.*")), "a checkpoint write was cut short"
+    events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "interrupted" and e["step"] == 3 for e in events)
 
 
 def test_tensorboard_option(data_root, tmp_path):
