@@ -110,6 +110,17 @@ class StopSignals:
             signal.raise_signal(signum)
 
 
+def _to_cpu(tree: Any) -> Any:
+    """``tree`` (dicts, lists, tuples) with every tensor moved to the CPU."""
+    if isinstance(tree, torch.Tensor):
+        return tree.cpu()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return tree
+
+
 def resolve_device(device: str | torch.device | None, local_rank: int) -> torch.device:
     """The device of this process: CUDA when available; an unindexed ``cuda`` is the GPU of LOCAL_RANK
     (under torchrun each process drives its own GPU); an explicit index is kept."""
@@ -546,12 +557,26 @@ class Trainer:
             "epoch_losses": list(self._epoch_losses) if self.step % self.steps_per_epoch else [],
         }
 
+    def _rank_state(self) -> dict[str, Any]:
+        """What differs between DDP ranks: each rank's buffer, detector, RNG and epoch losses (on the CPU)."""
+        state = {"ring": self.ring.state_dict() if self.ring is not None else None,
+                 "detector": self.detector.state_dict() if self.detector is not None else None,
+                 "rng": rng_state(), "epoch_losses": list(self._epoch_losses) if self.step % self.steps_per_epoch else []}
+        return _to_cpu(state)
+
     def save(self, epoch: int, numbered: bool = True) -> None:
         """checkpoint.pth (rank 0); with ``numbered``, also checkpointNNNN.pth at the end of every
-        ``saveckp_freq``-th epoch (never for a partial epoch)."""
+        ``saveckp_freq``-th epoch (never for a partial epoch). Every rank calls it: under DDP each
+        rank's own state (:meth:`_rank_state`) is gathered into the checkpoint's ``ranks``."""
+        ranks = None
+        if self.world > 1:
+            ranks = [None] * self.world if self.rank == 0 else None
+            dist.gather_object(self._rank_state(), ranks, dst=0)
         if self.rank != 0:
             return
         state = self.state()
+        if ranks is not None:
+            state["ranks"] = ranks
         save_checkpoint(self.out / "checkpoint.pth", state)
         complete = self.step == (epoch + 1) * self.steps_per_epoch
         if numbered and complete and self.cfg.saveckp_freq and (epoch + 1) % self.cfg.saveckp_freq == 0:
@@ -562,12 +587,19 @@ class Trainer:
         self.teacher.load_state_dict(ckpt["teacher"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.loss.load_state_dict(ckpt["dino_loss"])
-        if self.ring is not None and ckpt.get("ring") is not None:
-            self.ring.load_state_dict(ckpt["ring"])
-        if self.detector is not None and ckpt.get("detector") is not None:
-            self.detector.load_state_dict(ckpt["detector"])
+        mine = ckpt  # single process: rank 0's state is the top level
+        ranks = ckpt.get("ranks")
+        if self.world > 1 and ranks is not None and len(ranks) == self.world:
+            mine = ranks[self.rank]
+        elif self.world > 1:
+            log.warning("the checkpoint holds %s; every rank restores rank 0's buffer, detector and RNG",
+                        f"the states of {len(ranks)} ranks, not {self.world}" if ranks else "one rank's state")
+        if self.ring is not None and mine.get("ring") is not None:
+            self.ring.load_state_dict(mine["ring"])
+        if self.detector is not None and mine.get("detector") is not None:
+            self.detector.load_state_dict(mine["detector"])
         self.step = int(ckpt["step"])
-        self._epoch_losses = [float(v) for v in ckpt.get("epoch_losses", [])]
-        set_rng_state(ckpt["rng"])
+        self._epoch_losses = [float(v) for v in mine.get("epoch_losses", [])]
+        set_rng_state(mine["rng"])
         self.resumed = True
         log.info("resumed at step %d (epoch %d)", self.step, self.step // self.steps_per_epoch)

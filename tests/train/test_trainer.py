@@ -258,7 +258,8 @@ def torchrun2(tmp_path: Path, name: str, body: str, port: int, returncode: int |
 
 @pytest.mark.slow
 def test_two_process_gloo_run(data_root, tmp_path):
-    """torchrun with 2 CPU processes: DDP over gloo, sharded data, one ring per rank, rank 0 saves."""
+    """torchrun with 2 CPU processes: DDP over gloo, sharded data, one ring per rank, rank 0 saves every
+    rank's ring, detector and RNG, and a resumed run gives each rank its own."""
     out = tmp_path / "ddp"
     lines = torchrun2(tmp_path, "ddp_run", (
         f"t = Trainer(tiny({data_root!r}, Path({str(out)!r}), max_steps=3, epoch_length=32), progress=False)\n"
@@ -269,7 +270,16 @@ def test_two_process_gloo_run(data_root, tmp_path):
     assert all("WORLD 2 STEPS 3" in line for line in lines)
     ids = [set(eval(line.split("IDS ")[1])) for line in lines]
     assert not ids[0] & ids[1], "the two ranks must see different images"
-    assert (out / "checkpoint.pth").exists()
+
+    # each rank's own buffer, detector and RNG are in the checkpoint, and each rank gets its own back
+    ranks = load_checkpoint(out / "checkpoint.pth")["ranks"]
+    saved = [r["ring"]["ring_ids"].tolist() for r in ranks]
+    assert len(saved) == 2 and saved[0] != saved[1]
+    lines = torchrun2(tmp_path, "ddp_resume", (
+        f"t = Trainer(tiny({data_root!r}, Path({str(out)!r}), max_steps=3, epoch_length=32), progress=False,"
+        f" resume=Path({str(out / 'checkpoint.pth')!r}))\n"
+        "print('RANK', dist.get_rank(), 'RING', t.ring.ring_ids.tolist(), flush=True)\n"), port=29536)
+    assert lines == [f"RANK {r} RING {saved[r]}" for r in (0, 1)]
 
 
 @pytest.mark.slow
