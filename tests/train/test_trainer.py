@@ -238,7 +238,9 @@ def test_compiled_steps_match_eager_without_recompiling(data_root, tmp_path):
 
 def torchrun2(tmp_path: Path, name: str, body: str, port: int, returncode: int | None = 0) -> list[str]:
     """Run ``body`` under torchrun with 2 CPU processes (after ``tiny``, ``Trainer``, ``dist`` and
-    ``Path`` are imported); returns its stdout lines starting with RANK, sorted. ``returncode``: the
+    ``Path`` are imported); returns its stdout lines starting with RANK, sorted. Print each line as one
+    string ending in a newline, with end='': print() writes its arguments and its end apart, and the
+    ranks' writes would interleave. ``returncode``: the
     expected exit status (None: any non-zero)."""
     import subprocess
     import sys
@@ -264,8 +266,8 @@ def test_two_process_gloo_run(data_root, tmp_path):
     lines = torchrun2(tmp_path, "ddp_run", (
         f"t = Trainer(tiny({data_root!r}, Path({str(out)!r}), max_steps=3, epoch_length=32), progress=False)\n"
         "s = t.train()\n"
-        "print('RANK', dist.get_rank(), 'WORLD', dist.get_world_size(), 'STEPS', s['steps'],"
-        " 'IDS', t._ids.tolist(), flush=True)\n"), port=29533)
+        "print(f'RANK {dist.get_rank()} WORLD {dist.get_world_size()} STEPS {s[\"steps\"]} IDS {t._ids.tolist()}\\n',"
+        " end='', flush=True)\n"), port=29533)
     assert [line.split()[1] for line in lines] == ["0", "1"]
     assert all("WORLD 2 STEPS 3" in line for line in lines)
     ids = [set(eval(line.split("IDS ")[1])) for line in lines]
@@ -278,7 +280,7 @@ def test_two_process_gloo_run(data_root, tmp_path):
     lines = torchrun2(tmp_path, "ddp_resume", (
         f"t = Trainer(tiny({data_root!r}, Path({str(out)!r}), max_steps=3, epoch_length=32), progress=False,"
         f" resume=Path({str(out / 'checkpoint.pth')!r}))\n"
-        "print('RANK', dist.get_rank(), 'RING', t.ring.ring_ids.tolist(), flush=True)\n"), port=29536)
+        "print(f'RANK {dist.get_rank()} RING {t.ring.ring_ids.tolist()}\\n', end='', flush=True)\n"), port=29536)
     assert lines == [f"RANK {r} RING {saved[r]}" for r in (0, 1)]
 
 
@@ -298,7 +300,7 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(data_root, tmp_p
         "try:\n"
         "    t.train()\n"
         "except TrainingInterrupted:\n"
-        "    print('RANK', dist.get_rank(), 'STOPPED AT', t.step, flush=True)\n"), port=29534)
+        "    print(f'RANK {dist.get_rank()} STOPPED AT {t.step}\\n', end='', flush=True)\n"), port=29534)
     # the ranks agree at the next step's loss read: the signal, sent after step 2's agreement, stops
     # both after step 3 (t.step 4)
     assert lines == ["RANK 0 STOPPED AT 4", "RANK 1 STOPPED AT 4"]
