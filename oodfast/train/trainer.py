@@ -127,6 +127,9 @@ def resolve_device(device: str | torch.device | None, local_rank: int) -> torch.
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA GPU (driver missing, or a "
+                         f"CPU-only torch build); use --device cpu")
     return torch.device("cuda", local_rank) if dev.type == "cuda" and dev.index is None else dev
 
 

@@ -142,11 +142,16 @@ def test_a_second_signal_goes_to_the_previous_handler_and_ignored_signals_stay_i
         signal.signal(signal.SIGINT, saved[1])
 
 
-def test_each_torchrun_process_drives_the_gpu_of_its_local_rank():
+def test_each_torchrun_process_drives_the_gpu_of_its_local_rank(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("cuda", 3) == torch.device("cuda", 3)  # `--device cuda` under torchrun
     assert resolve_device("cuda:1", 3) == torch.device("cuda", 1)  # an explicit index is kept
     assert resolve_device("cpu", 3) == torch.device("cpu")
-    assert resolve_device(None, 2) == (torch.device("cuda", 2) if torch.cuda.is_available() else torch.device("cpu"))
+    assert resolve_device(None, 2) == torch.device("cuda", 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None, 2) == torch.device("cpu")
+    with pytest.raises(ValueError, match="torch sees no CUDA GPU.*--device cpu"):
+        resolve_device("cuda", 0)
 
 
 def test_cli_exits_as_the_signal_would_and_says_how_to_resume(monkeypatch, tmp_path):
