@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from oodfast.bench.harness import environment
-from oodfast.bench.stages import ALIASES, STAGES, run_stage
+from oodfast.bench.stages import ALIASES, COMPILED_STEP, STAGES, run_stage
 from oodfast.bench.targets import check_targets
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def report_markdown(report: dict[str, Any]) -> str:
             text += f"\n**Not measured:** {r['path']}, {r['case']}: {r['error']}\n"
         for r in rows:
             if r.get("ood_overhead") is not None:
-                mode = "teacher detector" if r["path"] == "compiled" else r["path"].removeprefix("compiled, ")
+                mode = "teacher detector" if r["path"] == COMPILED_STEP else r["path"].removeprefix("compiled, ")
                 text += (f"\nDetection overhead at equal rows ({mode} vs random replay, compiled): "
                          f"{r['ood_overhead'] * 100:+.1f}%\n")
     if report.get("targets"):

@@ -83,8 +83,9 @@ def bench_detect(device: torch.device, quick: bool) -> list[Row]:
     metrics = ["euclidean", "mahalanobis"] if quick and not gpu else ["euclidean", "cosine", "mahalanobis", "knn"]
     dtype = torch.bfloat16 if gpu else torch.float32
     bandwidth = copy_bandwidth_gbps(device) if gpu else None
-    # Fast paths get many warm-up calls: on a CPU the first few calls of a fresh process pay page faults
-    # for their temporaries until glibc's malloc adapts its mmap threshold (2-3x slower than steady).
+    # Paths other than the seed's loop: 10 warm-up calls (a fresh process's first calls pay page faults
+    # for their temporaries), then samples of back-to-back calls lasting >= 2 ms, so that a microsecond
+    # call is not timed as its launch and device sync.
     repeats = 20 if gpu else 30
     rows: list[Row] = []
     for metric in metrics:
