@@ -552,29 +552,25 @@ class Trainer:
         return {
             "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
             "optimizer": self.optimizer.state_dict(), "epoch": self.step // self.steps_per_epoch,
-            "args": self.cfg.to_dict(),
-            "dino_loss": self.loss.state_dict(),
-            "ring": self.ring.state_dict() if self.ring is not None else None,
-            "detector": self.detector.state_dict() if self.detector is not None else None,
-            "step": self.step, "rng": rng_state(), "config": self.cfg.to_dict(),
-            "epoch_losses": list(self._epoch_losses) if self.step % self.steps_per_epoch else [],
+            "args": self.cfg.to_dict(), "dino_loss": self.loss.state_dict(), "step": self.step,
+            "config": self.cfg.to_dict(), **self._own_state(),
         }
 
-    def _rank_state(self) -> dict[str, Any]:
-        """What differs between DDP ranks: each rank's buffer, detector, RNG and epoch losses (on the CPU)."""
-        state = {"ring": self.ring.state_dict() if self.ring is not None else None,
-                 "detector": self.detector.state_dict() if self.detector is not None else None,
-                 "rng": rng_state(), "epoch_losses": list(self._epoch_losses) if self.step % self.steps_per_epoch else []}
-        return _to_cpu(state)
+    def _own_state(self) -> dict[str, Any]:
+        """What differs between DDP ranks: this rank's buffer, detector, RNG and partial epoch's losses
+        (the checkpoint's top level holds rank 0's; under DDP ``ranks`` holds every rank's)."""
+        return {"ring": self.ring.state_dict() if self.ring is not None else None,
+                "detector": self.detector.state_dict() if self.detector is not None else None,
+                "rng": rng_state(), "epoch_losses": list(self._epoch_losses) if self.step % self.steps_per_epoch else []}
 
     def save(self, epoch: int, numbered: bool = True) -> None:
         """checkpoint.pth (rank 0); with ``numbered``, also checkpointNNNN.pth at the end of every
         ``saveckp_freq``-th epoch (never for a partial epoch). Every rank calls it: under DDP each
-        rank's own state (:meth:`_rank_state`) is gathered into the checkpoint's ``ranks``."""
+        rank's own state (:meth:`_own_state`) is gathered into the checkpoint's ``ranks``."""
         ranks = None
         if self.world > 1:
             ranks = [None] * self.world if self.rank == 0 else None
-            dist.gather_object(self._rank_state(), ranks, dst=0)
+            dist.gather_object(_to_cpu(self._own_state()), ranks, dst=0)
         if self.rank != 0:
             return
         state = self.state()
