@@ -45,6 +45,9 @@ import io
 import logging
 import math
 import os
+import queue
+import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -216,7 +219,8 @@ class MultiCropBatch:
     """One batch of multi-crop views.
 
     Attributes:
-        views: ``config.n_views`` tensors [B, 3, H, W] (global views first), normalised, on the device.
+        views: ``config.n_views`` tensors [B, 3, H, W] (global views first), normalised, on the device
+            (with the DALI loader's ``zero_copy``: views of DALI's buffers, valid until the next batch).
         index: [B] int64 positions of the images in ``files`` (CPU).
         boxes: [B, 2, 4] int64 boxes (x0, y0, x1, y1) of the global crops, half-open, in source
             pixels (CPU).
@@ -402,7 +406,10 @@ class _Feeder:
 
     The stream is endless: global step ``g`` is epoch ``start_epoch + g // steps``, step
     ``g % steps`` of :func:`epoch_plan`; the loader reads exactly ``steps`` batches per epoch, so
-    DALI's prefetching may run ahead into the next epoch without changing any batch.
+    DALI's prefetching may run ahead into the next epoch without changing any batch. Every batch is
+    a pure function of ``g`` (the plan and :func:`batch_rng` are seeded by (seed, epoch, shard,
+    step)), so which thread calls, and how far ahead, changes nothing. DALI calls it from
+    ``Pipeline.run`` (``schedule_run``), which :class:`_Prefetcher` runs on its own thread.
     """
 
     def __init__(self, files: Sequence[Path], config: MultiCropConfig, batch_size: int, seed: int,
@@ -416,8 +423,8 @@ class _Feeder:
         self._plan: tuple[int, np.ndarray] | None = None
         self.recent: collections.deque[np.ndarray] = collections.deque(maxlen=8)
         # (height, width) per file position, parsed from the header on first read: later epochs
-        # skip the PIL header parse (about a fifth of this callback's time, which runs on the
-        # training loop's thread).
+        # skip the PIL header parse (about a fifth of this callback's time). Only the prefetch
+        # thread calls the feeder, so the cache needs no lock.
         self._sizes: dict[int, tuple[int, int]] = {}
 
     def plan(self, epoch: int) -> np.ndarray:
@@ -533,19 +540,24 @@ def build_dali_pipeline(feeder: Any, config: MultiCropConfig, batch_size: int, *
     """The multi-crop DALI pipeline (built, not started).
 
     Outputs: index [B, 1] int64, boxes [B, 2, 4] int64, then one [B, 3, H, W] per view (CHW,
-    normalised, float16 on GPU / float32 on CPU), then with ``debug`` the per-view parameter vectors.
-    ``device_id=None`` gives a CPU-only pipeline.
+    normalised, :func:`pipeline_dtype`: float16 on GPU for a float16/bfloat16 ``out_dtype``, else
+    float32), then with ``debug`` the per-view parameter vectors. ``device_id=None`` gives a
+    CPU-only pipeline.
+
+    The dynamic executor (``exec_dynamic=True``, DALI's default since 1.4x, asked for explicitly):
+    every iteration's outputs own their memory (reference counted; ``release_outputs`` does not
+    invalidate them), which is what lets :class:`_Prefetcher` run ahead while the consumer still
+    holds earlier batches, and lets the loader hand out DLPack views without a copy.
     """
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
-    dali_dtype = types.FLOAT16 if out_dtype in (torch.float16, torch.bfloat16) and gpu else types.FLOAT
+    dali_dtype = types.FLOAT16 if pipeline_dtype(out_dtype, gpu) == torch.float16 else types.FLOAT
     mean = [255.0 * m for m in config.mean]
     std = [255.0 * s for s in config.std]
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                  enable_conditionals=True, prefetch_queue_depth=prefetch_queue_depth,
-)
+                  enable_conditionals=True, prefetch_queue_depth=prefetch_queue_depth, exec_dynamic=True)
     def multicrop() -> tuple[Any, ...]:
         encoded, index, boxes, *params = fn.external_source(
             source=feeder, num_outputs=3 + config.n_views, batch=True)
@@ -585,23 +597,151 @@ def build_dali_pipeline(feeder: Any, config: MultiCropConfig, batch_size: int, *
     return multicrop()
 
 
+def pipeline_dtype(out_dtype: torch.dtype, gpu: bool) -> torch.dtype:
+    """The dtype the DALI pipeline writes its views in: float16 on a GPU for a float16/bfloat16
+    ``out_dtype`` (DALI has no bfloat16), else float32."""
+    return torch.float16 if gpu and out_dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+class _Prefetcher:
+    """Runs a built DALI pipeline on a background thread, ``prefetch_queue_depth`` batches ahead.
+
+    The thread owns every call into the pipeline (``run()``: the :class:`_Feeder` callback, the
+    scheduling, the wait for the batch), so the consumer's thread only takes finished batches from
+    a queue. With DALI prefetch depth D and the consumer holding batch i, batch i+1 is finished and
+    waiting here and the feeder has been called up to batch i+D (a semaphore lets the thread start
+    batch i+2's ``run()`` only once the consumer has taken i+1). A failure in the thread (a file
+    the feeder cannot read, a DALI error) is queued after the batches before it and raised on the
+    consumer's thread as is; a thread that ends without either is an error, not a hang.
+
+    The thread references this object, never the loader, so a dropped loader is collected and its
+    finalizer stops the thread.
+    """
+
+    _POLL_S = 0.05  # how often a waiting side looks at the stop flag / the thread's liveness
+
+    def __init__(self, pipe: Any, device: torch.device) -> None:
+        self.pipe: Any = pipe
+        self.device = device
+        self._ready: queue.Queue[tuple[bool, Any]] = queue.Queue()
+        self._space = threading.Semaphore(1)  # finished batches waiting for the consumer, at most 1
+        self._stop = threading.Event()
+        # Outputs handed to the consumer, kept until its work on them is done (see hold()).
+        self._held: collections.deque[tuple[Any, Any]] = collections.deque()
+        self.thread = threading.Thread(target=self._loop, name="oodfast-dali-prefetch", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self._space.acquire(timeout=self._POLL_S):
+                    continue
+                if self._stop.is_set():
+                    break
+                self._ready.put((True, self.pipe.run()))  # host-synchronous: the batch is finished
+        except BaseException as e:  # noqa: BLE001 - every failure is the consumer's to raise
+            self._ready.put((False, e))
+
+    def get(self) -> tuple[Any, ...]:
+        """The next batch's outputs (DALI TensorLists); raises the thread's error in its place."""
+        while True:
+            try:
+                ok, value = self._ready.get(timeout=self._POLL_S)
+                break
+            except queue.Empty:
+                if not self.thread.is_alive() and self._ready.empty():
+                    raise RuntimeError("the DALI prefetch thread ended without a batch or an error") from None
+        self._space.release()
+        if not ok:
+            raise value
+        return value
+
+    def hold(self, outputs: Any) -> None:
+        """Keep ``outputs`` (the batch just handed out as views) alive until the consumer is done.
+
+        Called when the consumer asks for the next batch. On CUDA an event recorded on the
+        consumer's current stream marks the end of the work it has enqueued on them (e.g. the
+        trainer's non-blocking staging copy); the outputs are released, back to DALI's memory pool,
+        only once that event has completed, so DALI cannot reuse the memory under a pending read.
+        On the CPU every torch op on them has finished when this is called.
+        """
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+        self._held.append((event, outputs))
+        while self._held and (self._held[0][0] is None or self._held[0][0].query()
+                              or len(self._held) > 8):  # 8: a consumer that never waits on the GPU
+            ev, _ = self._held.popleft()
+            if ev is not None:
+                ev.synchronize()  # no-op unless the bound of 8 forced it
+
+    def close(self) -> None:
+        """Stop the thread (it finishes a run() in progress), drop queued batches and the pipeline."""
+        self._stop.set()
+        self._space.release()  # wake a thread waiting for space
+        if self.thread is not threading.current_thread():
+            self.thread.join()
+        while not self._ready.empty():
+            self._ready.get_nowait()
+        for event, _ in self._held:
+            if event is not None:
+                event.synchronize()
+        self._held.clear()
+        self.pipe = None
+
+
 class DaliMultiCropLoader:
-    """Iterator over multi-crop batches from a DALI pipeline (see :func:`multicrop_loader`)."""
+    """Iterator over multi-crop batches from a DALI pipeline (see :func:`multicrop_loader`).
+
+    The pipeline runs on a background thread (:class:`_Prefetcher`), ``prefetch_queue_depth``
+    batches ahead of the consumer: while the consumer works on batch i, the :class:`_Feeder`
+    reads and plans batches up to i + depth and DALI decodes them. Every batch is the same as a
+    synchronous ``pipe.run()`` loop would give (the plan is a pure function of seed, epoch, shard
+    and step).
+
+    Views. ``zero_copy=False`` (default): views in ``config`` 's dtype, the caller's to keep.
+    ``zero_copy=True``: each view is DALI's own output buffer, as a DLPack view in the pipeline's
+    dtype (:attr:`view_dtype`: float16 on a GPU for a float16/bfloat16 config, float32 on the CPU),
+    with no torch-side copy or conversion; for a consumer that copies every batch into persistent
+    tensors anyway, whose ``copy_`` then does the one conversion. Contract: such views are valid
+    until the next batch is requested; copy (or enqueue the copy of) what you need before asking
+    for the next batch. The loader keeps DALI's buffers alive until then, and on CUDA until the work
+    the consumer enqueued on its current stream before that request has run (:meth:`_Prefetcher.hold`).
+
+    Writes per crop byte (the normalised float view; DALI's internal uint8 stages not counted), a
+    consumer that copies into persistent tensors (the trainer) included: zero_copy=True: 2 (DALI's
+    crop_mirror_normalize, the consumer's copy_, which converts float16 -> bfloat16 on the GPU);
+    zero_copy=False: 2 when the config's dtype is the pipeline's (float32 on the CPU, float16 on the
+    GPU), 3 otherwise (a torch ``.to(dtype)`` in between). Before the prefetch thread, the CPU path
+    also copied every view out of DALI (np.array) and the GPU bfloat16 path converted: 3 in both.
+    """
 
     def __init__(self, files: Sequence[Path], config: MultiCropConfig, batch_size: int, *,
                  device: torch.device, seed: int, shard_id: int, num_shards: int,
                  epoch_length: int | None, num_threads: int | None = None,
-                 hw_decoder_load: float = 0.65, prefetch_queue_depth: int = 2, debug: bool = False) -> None:
+                 hw_decoder_load: float = 0.65, prefetch_queue_depth: int = 2, debug: bool = False,
+                 zero_copy: bool = False) -> None:
         self.files, self.config, self.batch_size = list(files), config, batch_size
         self.device, self.seed = device, seed
         self.shard_id, self.num_shards, self.epoch_length = shard_id, num_shards, epoch_length
         self.num_threads = num_threads or max(1, min(len(os.sched_getaffinity(0)), 16))
         self.hw_decoder_load, self.prefetch_queue_depth, self.debug = hw_decoder_load, prefetch_queue_depth, debug
         self.dtype = config.torch_dtype(device)
+        self.pipeline_dtype = pipeline_dtype(self.dtype, device.type == "cuda")
+        self.zero_copy = zero_copy
         self.epoch = 0
         self._pipe: Any = None
         self._feeder: _Feeder | None = None
+        self._prefetch: _Prefetcher | None = None
+        self._finalizer: Any = None
+        self._handed: Any = None  # the outputs behind the views last handed out
         self._consumed = 0  # batches read from the current pipeline
+
+    @property
+    def view_dtype(self) -> torch.dtype:
+        """The dtype of ``batch.views``: the pipeline's with ``zero_copy``, else the config's."""
+        return self.pipeline_dtype if self.zero_copy else self.dtype
 
     def __len__(self) -> int:
         return steps_per_epoch(len(self.files), self.batch_size, self.num_shards, self.epoch_length)
@@ -611,6 +751,7 @@ class DaliMultiCropLoader:
         self.epoch = epoch
 
     def _start(self) -> None:
+        self._stop()
         device_id = None if self.device.type == "cpu" else (self.device.index or 0)
         self._feeder = _Feeder(self.files, self.config, self.batch_size, self.seed, self.shard_id,
                                self.num_shards, self.epoch_length, self.epoch, self.debug)
@@ -619,8 +760,17 @@ class DaliMultiCropLoader:
             out_dtype=self.dtype, hw_decoder_load=self.hw_decoder_load,
             prefetch_queue_depth=self.prefetch_queue_depth, debug=self.debug)
         self._pipe.build()
+        self._prefetch = _Prefetcher(self._pipe, self.device)
+        self._finalizer = weakref.finalize(self, self._prefetch.close)
         self._consumed = 0
         self._start_epoch = self.epoch
+
+    def _stop(self) -> None:
+        """Stop the prefetch thread and drop the pipeline (the next iteration starts a new one)."""
+        self._handed = None
+        if self._finalizer is not None:
+            self._finalizer()  # _Prefetcher.close, once
+        self._prefetch = self._finalizer = self._pipe = None
 
     def __iter__(self) -> Iterator[MultiCropBatch]:
         steps = len(self)
@@ -628,19 +778,29 @@ class DaliMultiCropLoader:
                 or self._consumed % max(steps, 1):
             self._start()  # first use, set_epoch() jumped, or the last epoch was left unfinished
         epoch = self.epoch
-        for _ in range(steps):
-            yield self._convert(self._run())
+        done = False
+        try:
+            for _ in range(steps):
+                yield self._convert(self._run())
+            done = True
+        finally:
+            if not done:  # left early (break, error): the next pass restarts, so stop the thread now
+                self._stop()
         self.epoch = epoch + 1
 
     def _run(self) -> tuple[Any, ...]:
+        prefetch = self._prefetch
+        if self._handed is not None:  # the consumer asks for the next batch: the last views expire
+            prefetch.hold(self._handed)
+            self._handed = None
         try:
-            outputs = self._pipe.run()
+            outputs = prefetch.get()
         except MultiCropDataError:
-            self._pipe = None
+            self._stop()
             raise
         except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses; find the file
-            recent = list(self._feeder.recent) if self._feeder is not None else []
-            self._pipe = None
+            recent = list(self._feeder.recent) if self._feeder is not None else []  # the thread has ended
+            self._stop()
             bad = find_undecodable([self.files[i] for batch in recent for i in batch])
             if bad is not None:
                 raise MultiCropDataError(f"DALI failed to decode {bad}; {_CHECK}, then train on it "
@@ -653,33 +813,24 @@ class DaliMultiCropLoader:
         n = self.config.n_views
         index = torch.from_numpy(np.array(outputs[0].as_tensor())).reshape(-1)
         boxes = torch.from_numpy(np.array(outputs[1].as_tensor()))
-        zero_copy = bool(getattr(self._pipe, "exec_dynamic", False))
-        views = [_to_torch(outputs[2 + v], self.device, self.dtype, zero_copy) for v in range(n)]
+        views = [_to_torch(outputs[2 + v]) for v in range(n)]
+        if not self.zero_copy:
+            views = [v.to(self.dtype) for v in views]  # no-op (no copy) when the dtypes agree
         params = None
         if self.debug:
             params = params_dict(np.stack([np.array(outputs[2 + n + v].as_tensor()) for v in range(n)], axis=1))
+        self._handed = outputs
         return MultiCropBatch(views=views, index=index, boxes=boxes, params=params)
 
 
-def _to_torch(tl: Any, device: torch.device, dtype: torch.dtype, zero_copy: bool) -> torch.Tensor:
-    """A dense DALI TensorList -> a torch tensor of ``dtype`` on ``device``.
+def _to_torch(tl: Any) -> torch.Tensor:
+    """A dense DALI TensorList -> a torch tensor viewing the same memory (no copy), on its device.
 
-    On the GPU with DALI's dynamic executor (the default; ``zero_copy``) each output batch owns its
-    memory, so DLPack hands it to torch without a copy, as ``DALIGenericIterator`` does; torch's
-    ``from_dlpack`` orders it on the current stream. Otherwise DALI recycles its output buffers and
-    the batch is copied on torch's current stream.
+    With the dynamic executor each output batch owns its memory, so DLPack hands it to torch as
+    ``DALIGenericIterator`` does; called on the consumer's thread, torch's ``from_dlpack`` orders
+    it on that thread's current stream (``pipe.run()`` without a stream has already waited for it).
     """
-    tensor = tl.as_tensor()
-    if device.type == "cpu":
-        return torch.from_numpy(np.array(tensor)).to(dtype)
-    if zero_copy:
-        return torch.from_dlpack(tensor).to(dtype)
-    from nvidia.dali.plugin.pytorch import feed_ndarray
-
-    src_dtype = torch.float16 if dtype in (torch.float16, torch.bfloat16) else torch.float32
-    out = torch.empty(tensor.shape(), dtype=src_dtype, device=device)
-    feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device))
-    return out.to(dtype)
+    return torch.from_dlpack(tl.as_tensor())
 
 
 def find_undecodable(paths: Sequence[Path]) -> Path | None:
@@ -752,6 +903,7 @@ def multicrop_loader(
     epoch_length: int | None = None,
     num_workers: int | None = None,
     debug: bool = False,
+    zero_copy: bool = False,
     **backend_options: Any,
 ) -> Any:
     """An iterable of :class:`MultiCropBatch` es: one pass = one epoch of ``len(loader)`` batches.
@@ -770,8 +922,15 @@ def multicrop_loader(
             repeats the files with fresh permutations when longer.
         num_workers: DALI threads / reference DataLoader workers (default: the CPU count).
         debug: DALI / torch only: also return the random decisions in ``batch.params``.
+        zero_copy: for a consumer that copies every batch into its own tensors (the trainer's
+            staging rows): DALI yields its output buffers as views in the pipeline's dtype
+            (``loader.view_dtype``: float16 on a GPU for a float16/bfloat16 config, float32 on the
+            CPU), valid until the next batch is requested, and the consumer's ``copy_`` does the one
+            dtype conversion. The torch and reference backends build fresh tensors in the config's
+            dtype for every batch, which already satisfies that contract, so they ignore it.
         backend_options: DALI: ``hw_decoder_load`` (share of JPEG decoding on the hardware
-            decoder, default 0.65), ``prefetch_queue_depth`` (default 2).
+            decoder, default 0.65), ``prefetch_queue_depth`` (default 2: batches decoded ahead of
+            the one the consumer holds, by a background thread; see :class:`DaliMultiCropLoader`).
 
     Each pass reshuffles (epoch e uses permutation (seed, e)); drop last: every shard yields
     ``epoch_length // (num_shards * batch_size)`` batches. ``set_epoch(e)`` jumps to epoch e.
@@ -813,7 +972,7 @@ def multicrop_loader(
     if backend == "dali":
         require_dali()
         return DaliMultiCropLoader(paths, config, batch_size, num_threads=num_workers, debug=debug,
-                                   **common, **backend_options)
+                                   zero_copy=zero_copy, **common, **backend_options)
     if backend == "reference":
         from oodfast.data.reference_multicrop import ReferenceMultiCropLoader
 
