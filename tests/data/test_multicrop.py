@@ -352,3 +352,165 @@ def test_colour_jitter_matches_torchvision_factors(files: list[Path]) -> None:
     same, opposite = np.mean(err[1.0]), np.mean(err[-1.0])
     assert same < 5.0, f"mean error {same:.2f} levels vs torchvision's jitter"
     assert opposite > 1.2 * same, f"hue: error {same:.2f} with the drawn shift vs {opposite:.2f} with its opposite"
+
+
+# --------------------------------------------------------------------------------------------------
+# The DALI loader's prefetch thread and its views
+# --------------------------------------------------------------------------------------------------
+
+
+def _record_feeder_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Patch the DALI feeder to record (thread id, global step) of every call."""
+    import threading
+
+    from oodfast.data import multicrop
+
+    calls: list[tuple[int, int]] = []
+    original = multicrop._Feeder.__call__
+
+    def recording(self):  # noqa: ANN001, ANN202
+        calls.append((threading.get_ident(), self.fed))
+        return original(self)
+
+    monkeypatch.setattr(multicrop._Feeder, "__call__", recording)
+    return calls
+
+
+def _wait_for(condition, timeout: float = 20.0) -> bool:  # noqa: ANN001
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_feeder_runs_on_a_prefetch_thread_depth_batches_ahead(files: list[Path], monkeypatch, depth: int) -> None:
+    # A slow consumer: while it holds batch i the feeder has already been called, on another
+    # thread, for batch i + depth (i + 2 by default), and no further (the queue is bounded).
+    import threading
+    import time
+
+    calls = _record_feeder_calls(monkeypatch)
+    ld = multicrop_loader(files, SMALL, 8, device="cpu", seed=0, prefetch_queue_depth=depth)
+    main = threading.get_ident()
+    for i, _ in enumerate(ld):  # 6 batches; the last ones run ahead into the next epoch
+        assert _wait_for(lambda: max(step for _, step in calls) >= i + depth), \
+            f"holding batch {i}: the feeder reached only batch {max(s for _, s in calls)}, not {i + depth}"
+        time.sleep(0.2)  # a slow step: the pipeline must not run unboundedly ahead either
+        assert max(step for _, step in calls) == i + depth
+    threads = {ident for ident, _ in calls}
+    assert main not in threads and len(threads) == 1, "the feeder ran on the consumer's thread"
+    assert [step for _, step in calls] == list(range(len(calls))), "feeder calls out of order"
+
+
+def test_prefetched_batches_equal_the_synchronous_pipeline(files: list[Path]) -> None:
+    # The reference: the same feeder and pipeline, run() in this thread, one batch at a time.
+    import time
+
+    from oodfast.data.multicrop import _Feeder, build_dali_pipeline, params_dict
+
+    cfg = dataclasses.replace(SMALL, n_local=2)
+
+    def synchronous(start_epoch: int, n: int) -> list[tuple]:
+        feeder = _Feeder(files, cfg, 8, 5, 0, 1, None, start_epoch, True)
+        pipe = build_dali_pipeline(feeder, cfg, 8, device_id=None, num_threads=1, out_dtype=torch.float32,
+                                   prefetch_queue_depth=1, debug=True)
+        pipe.build()
+        out = []
+        for _ in range(n):
+            o = pipe.run()
+            out.append((np.array(o[0].as_tensor()).reshape(-1), np.array(o[1].as_tensor()),
+                        [np.array(o[2 + v].as_tensor()) for v in range(cfg.n_views)],
+                        params_dict(np.stack([np.array(o[2 + cfg.n_views + v].as_tensor())
+                                              for v in range(cfg.n_views)], axis=1))))
+        return out
+
+    def same(batch, ref) -> None:  # noqa: ANN001
+        index, boxes, views, params = ref
+        assert np.array_equal(batch.index.numpy(), index) and np.array_equal(batch.boxes.numpy(), boxes)
+        assert all(np.array_equal(v.numpy(), r) for v, r in zip(batch.views, views, strict=True))
+        assert all(np.array_equal(batch.params[k], params[k]) for k in params)
+
+    ref = synchronous(0, 12)  # epochs 0 and 1
+    ld = multicrop_loader(files, cfg, 8, device="cpu", seed=5, prefetch_queue_depth=3, num_workers=2, debug=True)
+    got = []
+    for epoch in range(2):
+        for k, batch in enumerate(ld):
+            if k % 2:
+                time.sleep(0.05)  # an uneven consumer
+            got.append(batch)  # views kept past the next request: the default mode's views are the caller's
+    assert len(got) == 12
+    for batch, r in zip(got, ref, strict=True):
+        same(batch, r)
+    # Leaving an epoch early stops the thread; the next pass replays that epoch from its start.
+    for k, batch in enumerate(ld):
+        thread = ld._prefetch.thread
+        if k == 1:
+            break
+    assert not thread.is_alive(), "the prefetch thread outlived the abandoned pass"
+    ref2 = synchronous(2, 6)
+    for batch, r in zip(list(ld), ref2, strict=True):
+        same(batch, r)
+    ld.set_epoch(1)  # a jump back
+    for batch, r in zip(list(ld), ref[6:], strict=True):
+        same(batch, r)
+
+
+def test_zero_copy_views_are_dali_buffers_in_the_pipeline_dtype(files: list[Path]) -> None:
+    # zero_copy: each view is DALI's output buffer itself (same address), in the pipeline's dtype;
+    # the consumer's copy_ into its own bfloat16 tensors gives, bit for bit, what the converting
+    # loader gives. Without zero_copy the CPU float32 views are DALI's buffers as well (no np.array copy).
+    bf16 = dataclasses.replace(SMALL, dtype="bfloat16")
+    ld = multicrop_loader(files, bf16, 8, device="cpu", seed=3, zero_copy=True)
+    assert ld.view_dtype == torch.float32
+    converted = list(multicrop_loader(files, bf16, 8, device="cpu", seed=3))
+    plain = multicrop_loader(files, SMALL, 8, device="cpu", seed=3)
+    for batch, conv, ref in zip(ld, converted, plain, strict=True):
+        assert all(v.dtype == torch.float32 for v in batch.views) and all(v.dtype == torch.bfloat16 for v in conv.views)
+        for v, view in enumerate(batch.views):
+            assert view.data_ptr() == ld._handed[2 + v].as_tensor().data_ptr(), "zero_copy view is a copy"
+            staging = torch.empty_like(view, dtype=torch.bfloat16)
+            staging.copy_(view)  # the consumer's one conversion
+            assert torch.equal(staging.view(torch.int16), conv.views[v].view(torch.int16))
+        assert all(r.data_ptr() == plain._handed[2 + v].as_tensor().data_ptr() for v, r in enumerate(ref.views))
+        assert all(torch.equal(a, b) for a, b in zip(batch.views, ref.views))
+
+
+def test_feeder_error_surfaces_on_the_consumer_naming_the_file(files: list[Path], tmp_path: Path) -> None:
+    # The file that fails sits in the epoch's 4th batch: the batches before it arrive, then the
+    # error, raised in this thread as a MultiCropDataError that names the file; the thread is gone.
+    plan = epoch_plan(len(files), 8, seed=0, epoch=0)
+    paths = list(files)
+    junk = tmp_path / "junk_in_batch3.jpg"
+    junk.write_bytes(b"not a jpeg" * 10)
+    paths[int(plan[3][0])] = junk
+    ld = multicrop_loader(paths, SMALL, 8, device="cpu", seed=0)
+    seen = []
+    with pytest.raises(MultiCropDataError, match=str(junk)) as e:
+        for batch in ld:
+            seen.append(batch.index.clone())
+            thread = ld._prefetch.thread
+    assert 1 <= len(seen) <= 3 and all(torch.equal(s, torch.from_numpy(plan[k])) for k, s in enumerate(seen))
+    assert "oodfast data check" in str(e.value) and "Exception traceback received" not in str(e.value)
+    assert not thread.is_alive()
+    gone = tmp_path / "gone.jpg"  # a missing file, read on the prefetch thread, in the first batch
+    paths[int(plan[0][0])] = gone
+    with pytest.raises(MultiCropDataError, match="gone.jpg"):
+        next(iter(multicrop_loader(paths, SMALL, 8, device="cpu", seed=0)))
+
+
+def test_a_dropped_loader_stops_its_prefetch_thread(files: list[Path]) -> None:
+    import gc
+
+    ld = multicrop_loader(files, SMALL, 8, device="cpu", seed=0)
+    next(iter(ld))  # the generator is closed at once: the pass is abandoned
+    list(ld)  # a full pass: the thread keeps prefetching into the next epoch
+    thread = ld._prefetch.thread
+    assert thread.is_alive()
+    del ld
+    gc.collect()
+    assert _wait_for(lambda: not thread.is_alive(), 10.0), "a dropped loader left its thread running"
