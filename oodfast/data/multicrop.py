@@ -626,7 +626,9 @@ class _Prefetcher:
         self._ready: queue.Queue[tuple[bool, Any]] = queue.Queue()
         self._space = threading.Semaphore(1)  # finished batches waiting for the consumer, at most 1
         self._stop = threading.Event()
-        # Outputs handed to the consumer, kept until its work on them is done (see hold()).
+        # Outputs handed to the consumer: the latest batch's, then earlier ones kept until the
+        # consumer's work on them is done (see _hold()).
+        self.handed: Any = None
         self._held: collections.deque[tuple[Any, Any]] = collections.deque()
         self.thread = threading.Thread(target=self._loop, name="oodfast-dali-prefetch", daemon=True)
         self.thread.start()
@@ -643,7 +645,14 @@ class _Prefetcher:
             self._ready.put((False, e))
 
     def get(self) -> tuple[Any, ...]:
-        """The next batch's outputs (DALI TensorLists); raises the thread's error in its place."""
+        """The next batch's outputs (DALI TensorLists); raises the thread's error in its place.
+
+        Asking for the next batch ends the previous one's views (the loader's contract): its
+        outputs go to :meth:`_hold`.
+        """
+        if self.handed is not None:
+            self._hold(self.handed)
+            self.handed = None
         while True:
             try:
                 ok, value = self._ready.get(timeout=self._POLL_S)
@@ -654,12 +663,13 @@ class _Prefetcher:
         self._space.release()
         if not ok:
             raise value
+        self.handed = value
         return value
 
-    def hold(self, outputs: Any) -> None:
+    def _hold(self, outputs: Any) -> None:
         """Keep ``outputs`` (the batch just handed out as views) alive until the consumer is done.
 
-        Called when the consumer asks for the next batch. On CUDA an event recorded on the
+        Called when the consumer asks for the next batch, or stops. On CUDA an event recorded on the
         consumer's current stream marks the end of the work it has enqueued on them (e.g. the
         trainer's non-blocking staging copy); the outputs are released, back to DALI's memory pool,
         only once that event has completed, so DALI cannot reuse the memory under a pending read.
@@ -677,7 +687,13 @@ class _Prefetcher:
                 ev.synchronize()  # no-op unless the bound of 8 forced it
 
     def close(self) -> None:
-        """Stop the thread (it finishes a run() in progress), drop queued batches and the pipeline."""
+        """Stop the thread (it finishes a run() in progress), drop queued batches and the pipeline.
+
+        The last batch's outputs are released once the consumer's work enqueued on them is done.
+        """
+        if self.handed is not None:
+            self._hold(self.handed)
+            self.handed = None
         self._stop.set()
         self._space.release()  # wake a thread waiting for space
         if self.thread is not threading.current_thread():
@@ -707,7 +723,7 @@ class DaliMultiCropLoader:
     tensors anyway, whose ``copy_`` then does the one conversion. Contract: such views are valid
     until the next batch is requested; copy (or enqueue the copy of) what you need before asking
     for the next batch. The loader keeps DALI's buffers alive until then, and on CUDA until the work
-    the consumer enqueued on its current stream before that request has run (:meth:`_Prefetcher.hold`).
+    the consumer enqueued on its current stream before that request has run (:meth:`_Prefetcher._hold`).
 
     Writes per crop byte (the normalised float view; DALI's internal uint8 stages not counted), a
     consumer that copies into persistent tensors (the trainer) included: zero_copy=True: 2 (DALI's
@@ -735,7 +751,6 @@ class DaliMultiCropLoader:
         self._feeder: _Feeder | None = None
         self._prefetch: _Prefetcher | None = None
         self._finalizer: Any = None
-        self._handed: Any = None  # the outputs behind the views last handed out
         self._consumed = 0  # batches read from the current pipeline
 
     @property
@@ -767,7 +782,6 @@ class DaliMultiCropLoader:
 
     def _stop(self) -> None:
         """Stop the prefetch thread and drop the pipeline (the next iteration starts a new one)."""
-        self._handed = None
         if self._finalizer is not None:
             self._finalizer()  # _Prefetcher.close, once
         self._prefetch = self._finalizer = self._pipe = None
@@ -789,12 +803,8 @@ class DaliMultiCropLoader:
         self.epoch = epoch + 1
 
     def _run(self) -> tuple[Any, ...]:
-        prefetch = self._prefetch
-        if self._handed is not None:  # the consumer asks for the next batch: the last views expire
-            prefetch.hold(self._handed)
-            self._handed = None
         try:
-            outputs = prefetch.get()
+            outputs = self._prefetch.get()  # the previous batch's views expire here
         except MultiCropDataError:
             self._stop()
             raise
@@ -819,7 +829,6 @@ class DaliMultiCropLoader:
         params = None
         if self.debug:
             params = params_dict(np.stack([np.array(outputs[2 + n + v].as_tensor()) for v in range(n)], axis=1))
-        self._handed = outputs
         return MultiCropBatch(views=views, index=index, boxes=boxes, params=params)
 
 
