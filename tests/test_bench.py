@@ -187,3 +187,36 @@ def test_cuda_graphed_replays_the_captured_work():
     replay()
     torch.cuda.synchronize()
     assert out.tolist() == [2.0, 2.0, 2.0, 2.0]
+
+
+def test_gpu_driver_merges_stage_by_stage_and_keeps_what_was_measured(monkeypatch, tmp_path: Path):
+    """oodfast.bench.gpu (benchmarks/gpu.sh's report side): each stage lands in STEM.json/md as soon as it
+    is measured; a stage stopped at its cap is named and the earlier ones stay; a rerun replaces its rows."""
+    import oodfast.bench.gpu as gpu
+
+    stem = tmp_path / "dev-date"
+    assert gpu.bench(stem, ["ring"], device="cpu", quick=True) == 0
+    first = json.loads((tmp_path / "dev-date.json").read_text())
+    ring_rows = [r for r in first["rows"] if r["stage"] == "ring"]
+    assert first["stages"] == ["ring"] and len(ring_rows) == 2 and first["targets"]
+
+    real = gpu.run_bench
+
+    def stopped(device, stages, quick=False):
+        if stages == ["detect"]:
+            raise KeyboardInterrupt  # what `timeout -s INT` delivers at the section's cap
+        return real(device, stages, quick=quick)
+
+    monkeypatch.setattr(gpu, "run_bench", stopped)
+    assert gpu.bench(stem, ["detect", "ring"], device="cpu", quick=True) == gpu.STOPPED  # ring not reached
+    report = json.loads((tmp_path / "dev-date.json").read_text())
+    assert report["stages"] == ["ring", "detect"] and "time cap" in report["stage_errors"]["detect"]
+    assert [r for r in report["rows"] if r["stage"] == "ring"] == ring_rows  # kept as measured
+    verdict = next(v for v in report["targets"] if v["target"].startswith("torch scoring"))
+    assert verdict["status"].startswith("not measured (stage detect failed: stopped at its time cap")
+    assert "**Stage not measured:** stopped at its time cap" in (tmp_path / "dev-date.md").read_text()
+
+    assert gpu.bench(stem, ["ring"], device="cpu", quick=True) == 0  # a rerun replaces, never duplicates
+    again = json.loads((tmp_path / "dev-date.json").read_text())
+    assert len([r for r in again["rows"] if r["stage"] == "ring"]) == 2 and "detect" in again["stage_errors"]
+    assert not list(tmp_path.glob("*.tmp"))

@@ -65,8 +65,12 @@ def report_markdown(report: dict[str, Any]) -> str:
             f"DALI {env['dali']}" + (f", driver {env.get('driver')}" if env.get("driver") else "")
             + (", quick sizes" if report["quick"] else "") + "\n")
     text = head
+    errors = report.get("stage_errors", {})
     for stage in report["stages"]:
         rows = [r for r in report["rows"] if r["stage"] in (stage, "train" if stage == "step" else stage)]
+        if stage in errors and not rows:  # a stage that raised or was stopped (oodfast.bench.gpu)
+            text += f"\n## {stage}\n\n**Stage not measured:** {errors[stage]}\n"
+            continue
         failed = [r for r in rows if "error" in r]
         rows = [r for r in rows if "error" not in r]
         vs_torch = any(r.get("vs_torch") is not None for r in rows)

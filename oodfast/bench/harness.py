@@ -137,16 +137,27 @@ def environment(device: torch.device | str) -> dict[str, Any]:
         "oodfast": _version("oodfast"),
     }
     if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
         info["cuda"] = torch.version.cuda
+        info["compute_capability"] = f"{props.major}.{props.minor}"
+        info["sm_count"] = props.multi_processor_count
+        info["memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["cudnn"] = torch.backends.cudnn.version()
         try:
             info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                             capture_output=True, text=True, timeout=10).stdout.strip() or None
         except (OSError, subprocess.SubprocessError):
             info["driver"] = None
-    try:
-        root = Path(__file__).resolve().parents[2]
-        info["git_sha"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                         timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        info["git_sha"] = None
+    # benchmarks/gpu.sh runs an installed copy on a machine the tree reached without .git: it passes the
+    # SHA the carried wheel was built at (OODFAST_GIT_SHA) and how oodfast got there (OODFAST_INSTALL)
+    info["git_sha"] = os.environ.get("OODFAST_GIT_SHA") or None
+    if os.environ.get("OODFAST_INSTALL"):
+        info["install"] = os.environ["OODFAST_INSTALL"]
+    if info["git_sha"] is None:
+        try:
+            root = Path(__file__).resolve().parents[2]
+            info["git_sha"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                             timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            info["git_sha"] = None
     return info

@@ -161,7 +161,13 @@ def prepared_trainer(trainer: Any) -> Any:
 
 
 def train_step(t: Any) -> None:
-    """One full step on the staged batch: (pre-step), forward + loss, backward, AdamW, post-step."""
+    """One full step on the staged batch: the trainer's own ``run_step`` (pre-step, forward + loss,
+    backward, clipping, AdamW, post-step), its scalars read back one step late as the training loop does."""
+    if hasattr(t, "run_step"):
+        t.run_step()
+        t._readout.pop(keep=1)
+        return
+    # a Trainer without run_step (before oodfast.train split the step out of its loop)
     t.schedules.write_(0, t.sched)
     if t.encoder is not None:
         t._pre()
@@ -207,15 +213,31 @@ def ring_case(device: torch.device, B: int, C: int, flagged: int, dtype: torch.d
     return seed_step, ring_step
 
 
+def _dali_imports() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
 def bench_step(device: torch.device, quick: bool, workdir: Path) -> list[Row]:
+    """Rows per step path on one staged batch (eager, compiled, compiled with random replay, compiled with a
+    frozen detector), and the end-to-end row: loader + compiled step per step, with ``limit`` its share of
+    the compiled step-only throughput. ``ood_overhead``: a detector mode's step over random replay's at
+    equal rows (B + C), minus 1. On a GPU the loader is DALI when it imports, else torchvision (``aug``)."""
     from oodfast.train.config import TrainConfig
     from oodfast.train.trainer import Trainer
 
     gpu = device.type == "cuda"
+    aug = ("dali" if _dali_imports() else "torch") if gpu else TrainConfig.cpu().aug
 
     def config(**overrides: Any) -> TrainConfig:
         if gpu:
+            # 640 synthdrive frames at the default 640x360 (generated once, ~5 s on 16 cores); an epoch
+            # of 40 steps cycles through them with fresh permutations
             return TrainConfig.paper(batch_size_per_gpu=64, epochs=1, epoch_length=64 * (10 if quick else 40),
+                                     aug=aug, synthetic_spec={"num_images": 640, "seed": 0},
                                      output_dir=str(workdir / "step"), **overrides)
         return TrainConfig.cpu(batch_size_per_gpu=8, epochs=1, epoch_length=8 * 6, calib_size=16, buffer_size=4,
                                output_dir=str(workdir / "step"), **overrides)
@@ -224,13 +246,17 @@ def bench_step(device: torch.device, quick: bool, workdir: Path) -> list[Row]:
             (RANDOM_REPLAY_STEP, dict(compile=True, replay="random"))]
     if gpu or not quick:  # the frozen detector embeds the global crops with a second ResNet-50
         runs.append((FROZEN_STEP, dict(compile=True, detector="frozen",
-                                                       detector_weights=str(random_resnet50_weights(workdir)))))
+                                       detector_weights=str(random_resnet50_weights(workdir)))))
     rows: list[Row] = []
     repeats = 10 if gpu else 3
+    end_to_end: Row | None = None
     for name, overrides in runs:
         t = prepared_trainer(Trainer(config(**overrides), device=device, progress=False))
         case = f"{t.cfg.arch} B={t.B}+C={t.cfg.buffer_size}"
-        rows.append(_row("step", case, name, time_fn(lambda t=t: train_step(t), device, repeats=repeats), t.B, device))
+        rows.append(_row("step", case, name, time_fn(lambda t=t: train_step(t), device, repeats=repeats), t.B, device,
+                         aug=aug))
+        if name == COMPILED_STEP:  # end to end on the same compiled trainer: no second compilation
+            end_to_end = _end_to_end(t, case, device, aug)
         del t
         _release(device)  # so the next path's peak memory does not count this trainer
     _speedups(rows, EAGER_STEP)
@@ -239,10 +265,13 @@ def bench_step(device: torch.device, quick: bool, workdir: Path) -> list[Row]:
         if r["path"] in (COMPILED_STEP, FROZEN_STEP):
             r["ood_overhead"] = r["us_per_call"] / replay["us_per_call"] - 1
     step_only = next(r for r in rows if r["path"] == COMPILED_STEP)
+    assert end_to_end is not None
+    end_to_end["limit"] = step_only["us_per_call"] / end_to_end["us_per_call"]  # share of step-only throughput
+    return rows + [end_to_end]
 
-    t = Trainer(config(compile=True), device=device, progress=False)
-    t.calibrate()
-    t.warm_up()
+
+def _end_to_end(t: Any, case: str, device: torch.device, aug: str) -> Row:
+    """Epochs of loader + step on a prepared trainer, per step (comparable with the step rows)."""
     t.resumed = True
     t.save = lambda *args, **kwargs: None  # loader + step: the per-epoch checkpoint write is not timed
 
@@ -251,11 +280,8 @@ def bench_step(device: torch.device, quick: bool, workdir: Path) -> list[Row]:
         t.train()
 
     timing = time_fn(epoch, device, warmup=1, repeats=2)
-    images = t.steps_per_epoch * t.B
-    end_to_end = _per_call(_row("train", step_only["case"], END_TO_END, timing, images, device),
-                           t.steps_per_epoch)  # per step, comparable with the step rows
-    end_to_end["limit"] = step_only["us_per_call"] / end_to_end["us_per_call"]  # share of step-only throughput
-    return rows + [end_to_end]
+    return _per_call(_row("train", case, END_TO_END, timing, t.steps_per_epoch * t.B, device, aug=aug),
+                     t.steps_per_epoch)
 
 
 def _release(device: torch.device) -> None:
@@ -277,7 +303,27 @@ def random_resnet50_weights(workdir: Path) -> Path:
 
 # ---- aug: the seed's PIL path vs DALI vs torchvision, decode-only as the limit ----------------------
 
+#: DALI's ``hw_decoder_load`` values an aug run on a GPU sweeps: the share of the JPEGs sent to the
+#: hardware JPEG decoder (A100/H100/H200), the rest going to nvJPEG's CUDA decoder. The best share depends
+#: on the image size and on how busy the SMs are, so it is measured, not assumed.
+HW_DECODER_LOADS = (0.0, 0.35, 0.65, 0.9)
+#: oodfast's (and DALI's) default; the row without a load in its path name uses it, and the targets read it.
+DEFAULT_HW_DECODER_LOAD = 0.65
+
+
+def dali_load_path(device: torch.device | str, load: float) -> str:
+    """The DALI path name at ``hw_decoder_load=load``: the plain name at the default load."""
+    return dali_path(device) if load == DEFAULT_HW_DECODER_LOAD else f"{dali_path(device)}, hw_decoder_load={load}"
+
+
+def decode_only_path(device: torch.device | str, load: float | None) -> str:
+    return "decode only (DALI cpu)" if load is None else f"decode only (DALI mixed, hw_decoder_load={load})"
+
+
 def bench_aug(device: torch.device, quick: bool, workdir: Path) -> list[Row]:
+    """Rows per loader: the seed's PIL path (DataLoader workers = cores), DALI (on a GPU at each
+    ``hw_decoder_load`` of :data:`HW_DECODER_LOADS`), torchvision (GPU only), and DALI decode-only. ``limit``
+    is the share of decode-only throughput at the same decoder placement and load."""
     from oodfast.data.discover import discover
     from oodfast.data.multicrop import MultiCropConfig, multicrop_loader
     from oodfast.data.synthdrive import ensure_synthdrive
@@ -288,49 +334,72 @@ def bench_aug(device: torch.device, quick: bool, workdir: Path) -> list[Row]:
     root = ensure_synthdrive(workdir / "aug-data", progress=False, **spec)
     files = discover("bdd10k", root, "train", use_default_list=False)
     B = 32 if gpu else 16
+    # On a GPU one pass over 512 files at >= 3,000 images/s lasts ~0.2 s, too short to time against the
+    # per-epoch costs: the fast loaders cycle through the files 4 times per epoch (fresh permutations).
+    # The reference keeps one pass (it re-spawns its workers every epoch, as the seed does).
+    fast_epoch = 4 * len(files.images) if gpu and not quick else None
+    loads = (HW_DECODER_LOADS if not quick else (DEFAULT_HW_DECODER_LOAD,)) if gpu else (None,)
+    runs: list[tuple[str, str, dict[str, Any], int | None]] = [(SEED_AUG, "reference", {}, None)]
+    runs += [(dali_load_path(device, load) if gpu else dali_path(device), "dali",
+              {"hw_decoder_load": load} if gpu else {}, fast_epoch) for load in loads]
+    if gpu:
+        runs.append(("torchvision", "torch", {}, fast_epoch))
+    case = f"{spec['width']}x{spec['height']} JPEG, 2x224 + 6x96, batch {B}"
     cfg = MultiCropConfig.dino()
     rows: list[Row] = []
-    backends = ["reference", "dali"] + (["torch"] if gpu else [])
-    for backend in backends:
-        loader = multicrop_loader(files, cfg, B, device=device, seed=0, backend=backend)
+    for name, backend, options, epoch_length in runs:
+        loader = multicrop_loader(files, cfg, B, device=device, seed=0, backend=backend, epoch_length=epoch_length,
+                                  **options)
 
         def epoch(loader=loader) -> None:
             for batch in loader:
                 batch.views[-1].sum()
 
         timing = time_fn(epoch, device, warmup=1, repeats=2 if not quick else 1)
-        images = len(loader) * B
-        name = {"reference": SEED_AUG, "dali": dali_path(device), "torch": "torchvision"}[backend]
-        rows.append(_per_call(_row("aug", f"{spec['width']}x{spec['height']} JPEG, 2x224 + 6x96, batch {B}", name,
-                                   timing, images, device), len(loader)))
-    decode = _decode_only(files.images, B, device)
+        row = _per_call(_row("aug", case, name, timing, len(loader) * B, device), len(loader))
+        if backend == "dali":
+            row["hw_decoder_load"] = options.get("hw_decoder_load")
+        rows.append(row)
+        del loader, epoch
+        _release(device)  # a DALI pipeline holds its GPU buffers until collected
+    decode = {load: _decode_only(files.images, B, device, hw_decoder_load=load) for load in loads}
     for r in rows:
-        r["limit"] = r["items_per_s"] / decode
-        r["decode_only_images_per_s"] = decode
-    return _speedups(rows, SEED_AUG)
+        rate = decode[r.get("hw_decoder_load", DEFAULT_HW_DECODER_LOAD if gpu else None)][1]
+        r["limit"] = r["items_per_s"] / rate
+        r["decode_only_images_per_s"] = rate
+    _speedups(rows, SEED_AUG)
+    for load, (t, _, images) in decode.items():  # after the speedups: decode-only decodes, it does not augment
+        rows.append(_per_call(_row("aug", case, decode_only_path(device, load), t, images, device,
+                                   hw_decoder_load=load), images // B))
+    return rows
 
 
-def _decode_only(paths: list[Path], batch_size: int, device: torch.device) -> float:
-    """Images/s of DALI decoding alone (the same decoder placement as the pipeline)."""
+def _decode_only(paths: list[Path], batch_size: int, device: torch.device,
+                 hw_decoder_load: float | None = None) -> tuple[Timing, float, int]:
+    """(timing of one pass, images/s, images per pass) of DALI decoding alone, with the pipeline's
+    decoder placement (``mixed`` on a GPU, at ``hw_decoder_load``)."""
     import numpy as np
     from nvidia.dali import fn, pipeline_def, types
 
     data = [np.fromfile(p, dtype=np.uint8) for p in paths]
     n = len(data) // batch_size * batch_size
     gpu = device.type == "cuda"
+    options = {"hw_decoder_load": hw_decoder_load} if gpu and hw_decoder_load is not None else {}
 
     @pipeline_def(batch_size=batch_size, num_threads=max(1, os.cpu_count() or 1),
                   device_id=(device.index or 0) if gpu else None)
     def decode():
         raw = fn.external_source(source=lambda info: data[info.iteration * batch_size % n:][:batch_size],
                                  batch=True, batch_info=True, dtype=types.UINT8)
-        return fn.decoders.image(raw, device="mixed" if gpu else "cpu")
+        return fn.decoders.image(raw, device="mixed" if gpu else "cpu", **options)
 
     pipe = decode()
     pipe.build()
     steps = n // batch_size
     timing = time_fn(lambda: [pipe.run() for _ in range(steps)], device, warmup=1, repeats=2)
-    return steps * batch_size / timing.median_s
+    del pipe
+    _release(device)
+    return timing, steps * batch_size / timing.median_s, steps * batch_size
 
 
 STAGES: dict[str, Callable[..., list[Row]]] = {

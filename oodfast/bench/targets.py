@@ -99,6 +99,8 @@ def check_targets(report: dict[str, Any], targets: Iterable[Target] = TARGETS) -
             verdict["status"] = f"not measured (a {t.device_type} target; this report is {device_type})"
         elif t.stage not in stages:
             verdict["status"] = f"not measured (stage {'step' if t.stage == 'train' else t.stage} did not run)"
+        elif not rows and report.get("stage_errors", {}).get(stage := "step" if t.stage == "train" else t.stage):
+            verdict["status"] = f"not measured (stage {stage} failed: {report['stage_errors'][stage]})"
         elif not rows and t.rows(report, failed=True):
             verdict["status"] = f"not measured (failed: {t.rows(report, failed=True)[0]['error']})"
         elif not rows:
