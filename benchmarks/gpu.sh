@@ -6,8 +6,8 @@
 # Reports go to $OUT (the device tool's output folder) when it is set, else OUT_DIR, else
 # benchmarks/results; each is written as it is measured, so a command stopped early still returns
 # every figure taken before. Sections, each under its own time cap (CAP below; they sum to <= 8 minutes):
-#   setup   DALI from /tmp/site (or assembled from the parts of ../shared/tools/device-wheels.sh), oodfast
-#           from the carried wheel .whl/oodfast-*.whl (benchmarks/build-gpu-wheel.sh) or else the source
+#   dali    DALI in /tmp/site, or assembled there from the parts of ../shared/tools/device-wheels.sh
+#   setup   oodfast from the carried wheel .whl/oodfast-*.whl (benchmarks/build-gpu-wheel.sh) or else the source
 #           tree laid out as pyproject maps it (benchmarks/gpu_install.py), into a folder on PYTHONPATH:
 #           the machine's torch, torchvision and triton are never touched. -> STEM-env.json
 #   tests   tests/kernels (Triton compiled for this GPU; test_compile.py: the real compiler + ptxas),
@@ -29,36 +29,43 @@ set -uo pipefail
 self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$self")/.."  # the repository root: tests/ and benchmarks/ are relative to it
 
-DEFAULT_SECTIONS="setup tests detect aug step"
+DEFAULT_SECTIONS="dali setup tests detect aug step"
 # Time caps in seconds. A section past its cap gets SIGINT (pytest and the bench write what they have),
 # then SIGKILL GRACE seconds later. sum(CAP[s] + GRACE) over DEFAULT_SECTIONS must stay <= TOTAL (a test checks).
-declare -A CAP=([setup]=35 [tests]=130 [detect]=75 [aug]=80 [step]=135 [suites]=300)
-GRACE=5
+declare -A CAP=([dali]=40 [setup]=25 [tests]=125 [detect]=70 [aug]=75 [step]=120 [suites]=300)
+GRACE=4
 TOTAL=480
 WORK=/tmp/oodfast-gpu  # installs, caches and data: never under $OUT, which comes back to the caller
+
+section_dali() {
+    # DALI: installed by the last parts call of device-wheels.sh, or assembled here from its parts
+    # (/tmp/wparts from earlier calls on this warm machine, plus any .device-wheels/pN this call carries).
+    # Its own section: a failure here only skips the aug stage.
+    if PYTHONPATH=/tmp/site python3 -P -c "import nvidia.dali" 2>/dev/null; then
+        echo "dali: importable from /tmp/site"
+        return 0
+    fi
+    for p in .device-wheels/p*/part; do
+        [ -f "$p" ] || continue
+        mkdir -p /tmp/wparts && n=$(basename "$(dirname "$p")") && cp "$p" "/tmp/wparts/${n#p}"
+    done
+    if ! compgen -G "/tmp/wparts/*" >/dev/null; then
+        echo "dali: not in /tmp/site and no parts in /tmp/wparts (make the parts calls of ../shared/tools/device-wheels.sh)"
+        return 1
+    fi
+    echo "dali: assembling from /tmp/wparts: $(ls -v /tmp/wparts | tr '\n' ' ')"
+    rm -rf /tmp/w && mkdir -p /tmp/w
+    # shellcheck disable=SC2046
+    cat $(ls -v /tmp/wparts/*) | tar -x -C /tmp/w \
+        || { echo "dali: the parts in /tmp/wparts are incomplete (make every parts call back to back)"; return 1; }
+    python3 -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --target /tmp/site \
+        /tmp/w/*.whl || return 1
+    PYTHONPATH=/tmp/site python3 -P -c "import nvidia.dali as d; print('dali:', d.__version__, 'in /tmp/site')"
+}
 
 section_setup() {
     mkdir -p "$WORK"
     local site_dali=/tmp/site dali=no
-    # DALI: installed by the last parts call of device-wheels.sh, or assembled here from its parts
-    # (/tmp/wparts from earlier calls on this warm machine, plus any .device-wheels/pN carried by this one).
-    if ! PYTHONPATH=$site_dali python3 -P -c "import nvidia.dali" 2>/dev/null; then
-        for p in .device-wheels/p*/part; do
-            [ -f "$p" ] || continue
-            mkdir -p /tmp/wparts && n=$(basename "$(dirname "$p")") && cp "$p" "/tmp/wparts/${n#p}"
-        done
-        if compgen -G "/tmp/wparts/*" >/dev/null; then
-            echo "setup: assembling DALI from /tmp/wparts: $(ls -v /tmp/wparts | tr '\n' ' ')"
-            rm -rf /tmp/w && mkdir -p /tmp/w
-            # shellcheck disable=SC2046
-            if cat $(ls -v /tmp/wparts/* ) | tar -x -C /tmp/w; then
-                python3 -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check \
-                    --target "$site_dali" /tmp/w/*.whl || echo "setup: pip could not install the DALI wheels"
-            else
-                echo "setup: the DALI parts in /tmp/wparts are incomplete (make every parts call back to back)"
-            fi
-        fi
-    fi
     if PYTHONPATH=$site_dali python3 -P -c "import nvidia.dali" 2>/dev/null; then
         dali=yes
     else
@@ -136,7 +143,7 @@ fi
 # ---- a section run by the driver below, in its own process under timeout --------------------------
 if [ "${1:-}" = --section ]; then
     # shellcheck disable=SC1091
-    [ "$2" = setup ] || source "$WORK/env.sh"
+    [ "$2" = setup ] || [ "$2" = dali ] || source "$WORK/env.sh"
     "section_$2"
     exit
 fi
@@ -156,7 +163,7 @@ exec > >(tee -a "$STEM-gpu.log") 2>&1
 # a rerun on the same warm machine continues the report of the previous call ($OUT starts empty)
 [ -f "$STEM.json" ] || [ ! -f "$WORK/last/$(basename "$STEM").json" ] || cp "$WORK/last/$(basename "$STEM").json" "$STEM.json"
 sections=$DEFAULT_SECTIONS
-[ -n "${GPU_SECTIONS:-}" ] && sections="setup ${GPU_SECTIONS/setup/}"
+[ -n "${GPU_SECTIONS:-}" ] && sections="dali setup $(echo " $GPU_SECTIONS " | sed -E 's/ (dali|setup) / /g')"
 [ -f "$STEM-sections.tsv" ] || printf 'section\tcap_s\tseconds\tstatus\n' >"$STEM-sections.tsv"
 echo "benchmarks/gpu.sh: $gpu, sections: $sections; reports: $STEM*"
 failed=() skipped=()
@@ -187,6 +194,7 @@ for s in $sections; do
     echo "== $s: $status after $((SECONDS - start)) s"
     rm -f "$out"/*.tmp
     [ -f "$STEM.json" ] && cp "$STEM.json" "$WORK/last/"
+    [ "$s" = dali ] && continue  # without DALI the aug stage is skipped (and said so), nothing fails
     ((rc == 0)) || failed+=("$s")
     [ "$s" = setup ] && ((rc)) && { echo "benchmarks/gpu.sh: setup failed; nothing else can run"; break; }
 done

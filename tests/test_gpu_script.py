@@ -54,7 +54,7 @@ def test_gpu_sh_is_valid_bash():
 
 def test_caps_fit_eight_minutes():
     caps, grace, total = _plan()
-    assert set(caps) >= {"setup", "tests", "detect", "aug", "step"}
+    assert set(caps) >= {"dali", "setup", "tests", "detect", "aug", "step"}
     assert all(c > 0 for c in caps.values()), caps
     # each section may run its cap, then its grace before SIGKILL
     assert sum(c + grace for c in caps.values()) <= total <= BUDGET_S, (caps, grace, total)
@@ -78,8 +78,11 @@ def test_reports_go_to_out_and_fit_what_comes_back():
     text = _text()
     assert re.search(r'^out=\$\{OUT:-\$\{1:-benchmarks/results\}\}$', text, re.M)  # $OUT first, then OUT_DIR
     assert re.search(r'^export STEM="\$out/', text, re.M)
+    # the driver logs every section (all output, then its time and status) under STEM = $OUT/<gpu>-<date>
+    assert re.search(r'^exec > >\(tee -a "\$STEM-gpu.log"\) 2>&1$', text, re.M)
+    assert text.count('>>"$STEM-sections.tsv"') >= 3  # ran, skipped for DALI, skipped for time
     caps, _, _ = _plan()
-    for name in caps:  # every section writes under STEM (= $OUT/<gpu>-<date>)
+    for name in set(caps) - {"dali"}:  # and each report section writes its report there (dali only installs)
         body = re.search(rf"^section_{name}\(\) *\{{(.*?)^\}}$|^section_{name}\(\) *\{{(.*?)\}}$", text,
                          re.M | re.S)
         assert body and "$STEM" in (body.group(1) or body.group(2)), f"section {name} writes nothing under $STEM"
