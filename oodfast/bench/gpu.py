@@ -100,8 +100,12 @@ def bench(stem: Path, stages: list[str], device: str = "cuda", quick: bool = Fal
 def _stage_failed(device: str, stage: str, quick: bool, error: str) -> dict[str, Any]:
     import torch
 
-    return {"environment": environment(torch.device(device)), "quick": quick, "stages": [stage], "rows": [],
-            "stage_errors": {stage: error}}
+    dev = torch.device(device)
+    try:
+        env = environment(dev)
+    except Exception as e:  # noqa: BLE001 - e.g. no driver: the report still says what failed
+        env = {**environment(torch.device("cpu")), "device": f"unknown ({type(e).__name__})", "device_type": dev.type}
+    return {"environment": env, "quick": quick, "stages": [stage], "rows": [], "stage_errors": {stage: error}}
 
 
 def env(stem: Path) -> dict[str, Any]:
