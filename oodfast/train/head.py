@@ -65,13 +65,18 @@ class DINOHead(nn.Module):
         nlayers: linear layers in the MLP (>= 1; DINO: 3), GELU between them.
         hidden_dim: width of the hidden layers (2048).
         bottleneck_dim: width of the normalised bottleneck (256).
+        fp32_logits: compute the normalised bottleneck and the last layer in fp32 even under autocast.
+            For the teacher: its logits are divided by a temperature of 0.04, which would magnify bf16's
+            2^-8 rounding of each logit 25-fold before the softmax that makes the student's targets;
+            in fp32 that last product costs 2 * N * bottleneck_dim * out_dim FLOPs, forward only.
 
     Linear layers of the MLP start from a truncated normal (std 0.02) with zero bias, as in DINO.
     ``forward`` maps [N, in_dim] to logits [N, out_dim] in the autocast dtype (the loss casts to fp32).
     """
 
     def __init__(self, in_dim: int, out_dim: int = 65536, use_bn: bool = False, norm_last_layer: bool = True,
-                 nlayers: int = 3, hidden_dim: int = 2048, bottleneck_dim: int = 256) -> None:
+                 nlayers: int = 3, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 fp32_logits: bool = False) -> None:
         super().__init__()
         for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("hidden_dim", hidden_dim),
                             ("bottleneck_dim", bottleneck_dim)):
@@ -97,6 +102,7 @@ class DINOHead(nn.Module):
         if norm_last_layer:
             self.last_layer.weight_g.requires_grad = False
         self.out_dim = out_dim
+        self.fp32_logits = fp32_logits
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -106,8 +112,11 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, in_dim] -> logits [N, out_dim]."""
+        """x [N, in_dim] -> logits [N, out_dim] (fp32 with ``fp32_logits``, else the autocast dtype)."""
         x = self.mlp(x)
+        if self.fp32_logits:
+            with torch.autocast(x.device.type, enabled=False):
+                return self.last_layer(F.normalize(x.float(), dim=-1, p=2))
         x = F.normalize(x, dim=-1, p=2)
         return self.last_layer(x)
 

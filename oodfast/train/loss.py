@@ -66,7 +66,7 @@ class DINOLoss(nn.Module):
             warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int | None = None,
-                *, teacher_temp: torch.Tensor | float | None = None) -> torch.Tensor:
+                *, teacher_temp: torch.Tensor | float | None = None, update_center: bool = True) -> torch.Tensor:
         """Mean cross-entropy over all (teacher view, other student view) pairs; updates the centre.
 
         Args:
@@ -75,6 +75,9 @@ class DINOLoss(nn.Module):
             epoch: picks the temperature from ``teacher_temp_schedule`` (DINO's call).
             teacher_temp: the temperature itself, a float or a 0-d tensor (takes precedence over
                 ``epoch``); a compiled step passes a 0-d tensor so that no value is baked into the graph.
+            update_center: move the centre here, as DINO does (all-reducing the batch mean when a
+                process group is up). A trainer that all-reduces the centre with its gradients passes
+                False and calls :meth:`batch_center` and :meth:`apply_center_` itself.
 
         Returns:
             the loss, a 0-d fp32 tensor. Side effects: ``center`` moves towards the teacher batch mean
@@ -109,7 +112,8 @@ class DINOLoss(nn.Module):
         n_loss_terms = self.n_teacher_views * (self.ncrops - 1)
         loss = total / n_loss_terms
 
-        self.update_center(teacher_output)
+        if update_center:
+            self.update_center(teacher_output)
         return loss
 
     def _check_shapes(self, student_output: torch.Tensor, teacher_output: torch.Tensor) -> None:
@@ -135,8 +139,19 @@ class DINOLoss(nn.Module):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_center)
             world_size = dist.get_world_size()
-        batch_center = batch_center / (teacher_output.shape[0] * world_size)
-        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+        self.apply_center_(batch_center / (teacher_output.shape[0] * world_size))
+
+    @torch.no_grad()
+    def batch_center(self, teacher_output: torch.Tensor) -> torch.Tensor:
+        """This process's mean of teacher_output [2N, K] -> [1, K] fp32 (no communication)."""
+        return teacher_output.detach().float().mean(dim=0, keepdim=True)
+
+    @torch.no_grad()
+    def apply_center_(self, batch_center: torch.Tensor, skip: torch.Tensor | None = None) -> None:
+        """center <- m * center + (1 - m) * batch_center ([1, K], already averaged over processes);
+        left unchanged where ``skip`` (a 0-d bool tensor, e.g. a skipped non-finite step) is true."""
+        new = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+        self.center.copy_(new if skip is None else torch.where(skip, self.center, new))
 
     def extra_repr(self) -> str:
         return (f"out_dim={self.out_dim}, ncrops={self.ncrops}, student_temp={self.student_temp}, "

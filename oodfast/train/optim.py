@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["cancel_last_layer_gradients_", "clip_gradients_", "param_groups"]
+__all__ = ["cancel_last_layer_gradients_", "clip_gradients_", "grad_norms", "param_groups"]
 
 
 def param_groups(model: nn.Module) -> list[dict]:
@@ -54,10 +54,18 @@ def clip_gradients_(model: nn.Module | Iterable[torch.Tensor], clip: float) -> t
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(0)
-    norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+    norms = grad_norms(grads)
     coefs = (clip / (norms + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, [c.to(g.dtype) for c, g in zip(coefs.unbind(0), grads)])
+    if all(g.dtype == torch.float32 for g in grads):
+        torch._foreach_mul_(grads, list(coefs.unbind(0)))  # one fused launch per dtype/device
+    else:
+        torch._foreach_mul_(grads, [c.to(g.dtype) for c, g in zip(coefs.unbind(0), grads)])
     return norms
+
+
+def grad_norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of each tensor in ``grads``: a 1-D fp32 tensor (foreach kernels, no host sync)."""
+    return torch.stack(torch._foreach_norm(grads)).float()
 
 
 def cancel_last_layer_gradients_(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:

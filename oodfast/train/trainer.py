@@ -5,22 +5,35 @@ One step, as in the paper but without its host round trips::
     loader batch (B images x 2 global + N local crops)  --stage-->  rows [0, B) of persistent tensors
     [frozen detector] embed global crops -> rare_enqueue -> ring_copy      (compiled pre-step)
     teacher(global views of B + C rows), student(all views of B + C rows), DINOLoss    (compiled)
-    backward, per-parameter clipping, last-layer freeze, AdamW                          (eager)
-    [teacher detector] teacher embeddings of rows [0, B) -> rare_enqueue -> ring_copy;
-    EMA teacher update with a 0-d momentum                                  (compiled post-step)
+    backward into one flat gradient buffer; ONE all-reduce of gradients, skip flag,
+    signal flags and the loss centre (under torchrun); per-parameter clipping,
+    last-layer freeze, fused AdamW (skips the step on the device if non-finite)         (eager)
+    EMA teacher update with a 0-d momentum, loss centre;
+    [teacher detector] teacher embeddings of rows [0, B) -> rare_enqueue -> ring_copy  (compiled post-step)
 
 The ring lives in rows [B, B + C) of the same persistent tensors (RareRing tail mode), so the model
 always sees B + C rows per view with static shapes; schedules enter as 0-d tensors, so nothing
 recompiles as they change. With the teacher detector an image flagged in step t is replayed from step
 t + 1 on (it is in step t's batch anyway); the frozen detector, like the paper's, flags before the
-forward. The loss is read once per step (as DINO does) to skip a non-finite step; ``max_bad_steps``
-in a row stop the run and leave the last checkpoint intact. SIGTERM or SIGINT (a cluster's
-preemption, Ctrl-C) stops the run after the current step with a checkpoint of that step, from which
-``--resume`` continues as if nothing had happened; a second signal stops at once.
+forward.
+
+Nothing in a step waits for the device. A non-finite loss (on any rank) or gradient skips the step on
+the device: AdamW's ``found_inf``, an EMA momentum of 1, an unchanged centre. The step's loss, skip
+flag and signals, and on log steps its monitoring scalars, are copied to pinned host memory behind an
+event and read once the next step is enqueued (:class:`_Readout`); ``max_bad_steps`` skipped steps in a
+row stop the run and leave the last checkpoint intact. SIGTERM or SIGINT (a cluster's preemption,
+Ctrl-C) stops the run after the current step (under torchrun: after the step following the one in
+which any rank got it, so that every rank stops at the same step) with a checkpoint of that step, from
+which ``--resume`` continues as if nothing had happened; a second signal stops at once.
+
+Under torchrun the student is a plain module and :class:`~oodfast.train.distributed.GradientSync`
+averages its gradients (DistributedDataParallel cannot be traced by the fullgraph-compiled step); every
+rank starts from rank 0's weights, and the teacher is copied from them.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -45,10 +58,11 @@ from oodfast.data.multicrop import MultiCropConfig, multicrop_loader
 from oodfast.detect import DetectorConfig, OracleDetector, RandomDetector, RareDetector, ScoreDetector
 from oodfast.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from oodfast.train.config import TrainConfig
+from oodfast.train.distributed import GradientSync, broadcast_from_rank0_, init_distributed
 from oodfast.train.ema import ema_update_
 from oodfast.train.head import DINOHead, MultiCropWrapper, build_backbone
 from oodfast.train.loss import DINOLoss
-from oodfast.train.optim import cancel_last_layer_gradients_, clip_gradients_, param_groups
+from oodfast.train.optim import cancel_last_layer_gradients_, clip_gradients_, grad_norms, param_groups
 from oodfast.train.schedules import Schedules
 
 log = logging.getLogger(__name__)
@@ -133,14 +147,55 @@ def resolve_device(device: str | torch.device | None, local_rank: int) -> torch.
     return torch.device("cuda", local_rank) if dev.type == "cuda" and dev.index is None else dev
 
 
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank), initialising the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-    return 0, 1, 0
+def crop_dtype(on_cuda: bool, bf16: bool) -> str:
+    """The crops' dtype name: the dtype the first convolution computes in. bf16 under CUDA autocast,
+    else the parameters' fp32 (float16 crops into an fp32 model would make the first conv raise)."""
+    return "bfloat16" if on_cuda and bf16 else "float32"
+
+
+class _Readout:
+    """Steps' device scalars copied to the host without a sync, read a step later.
+
+    ``push`` stacks 0-d device tensors into one fp32 vector and starts its copy into pinned host
+    memory (``non_blocking``) behind an event. ``pop(keep=1)`` returns the steps older than the newest
+    ``keep``, waiting on their events: the trainer reads step t - 1 once step t is enqueued, so the
+    host waits for the previous step at most (the GPU keeps step t's work queued) and never drains the
+    device. On the CPU the copies are immediate. A pinned buffer per pending step is reused in turn.
+    """
+
+    def __init__(self, device: torch.device, size: int = 16, depth: int = 2) -> None:
+        self.cuda = device.type == "cuda"
+        self._host = [torch.zeros(size, pin_memory=self.cuda) for _ in range(depth + 1)]
+        self._turn = 0
+        self.pending: collections.deque[tuple[dict[str, Any], list[str], torch.Tensor, Any]] = collections.deque()
+
+    def push(self, meta: dict[str, Any], values: dict[str, torch.Tensor]) -> None:
+        if len(self.pending) >= len(self._host) - 1:
+            raise RuntimeError("_Readout.push: too many steps pending; pop them first")
+        names = list(values)
+        host = self._host[self._turn][: len(names)]
+        self._turn = (self._turn + 1) % len(self._host)
+        host.copy_(torch.stack([v.detach().reshape(()).float() for v in values.values()]), non_blocking=True)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append((meta, names, host, event))
+
+    def pop(self, keep: int = 0) -> list[tuple[dict[str, Any], dict[str, float]]]:
+        """(meta, values) of every pending step but the newest ``keep``, oldest first."""
+        out = []
+        while len(self.pending) > keep:
+            meta, names, host, event = self.pending.popleft()
+            if event is not None:
+                event.synchronize()  # waits for that step's copy, not for the device
+            out.append((meta, dict(zip(names, host.tolist()))))
+        return out
+
+
+# Slots after the gradients in GradientSync's all-reduce: the step's non-finite flag, the stop signals a
+# rank received, then the DINO loss's batch centre [out_dim].
+_NONFINITE, _SIGTERM, _SIGINT, _CENTER = 0, 1, 2, 3
 
 
 class Trainer:
@@ -160,12 +215,11 @@ class Trainer:
         self.device = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # before NCCL starts: one GPU per process
-        self.rank, self.world, _ = _distributed()
+        self.rank, self.world = init_distributed(self.device)
         self.progress = progress and self.rank == 0
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.seed + self.rank)
-        np.random.seed(cfg.seed + self.rank)
+        torch.manual_seed(cfg.seed)  # the models: one initialisation on every rank (rank 0's is broadcast too)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.on_cuda = self.device.type == "cuda"
@@ -177,9 +231,9 @@ class Trainer:
         self.crops = MultiCropConfig.dino(
             global_size=cfg.global_size, local_size=cfg.local_size, global_scale=tuple(cfg.global_crops_scale),
             local_scale=tuple(cfg.local_crops_scale), n_local=cfg.local_crops_number,
-            dtype="bfloat16" if (self.on_cuda and cfg.bf16) else "auto")
+            dtype=crop_dtype(self.on_cuda, cfg.bf16))
         self.B = cfg.batch_size_per_gpu
-        self.loader = self._loader(self.files, cfg.seed, cfg.epoch_length)
+        self.loader = self._loader(self.files, cfg.seed, cfg.epoch_length, zero_copy=True)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch < 1:
             raise ValueError(f"{len(self.files)} images give no full batch of {self.B} per process; lower "
@@ -191,20 +245,27 @@ class Trainer:
         backbone, self.embed_dim = build_backbone(cfg.arch)
         self.student = MultiCropWrapper(backbone, DINOHead(self.embed_dim, cfg.out_dim,
                                                            norm_last_layer=cfg.norm_last_layer))
-        self.teacher = MultiCropWrapper(build_backbone(cfg.arch)[0], DINOHead(self.embed_dim, cfg.out_dim))
-        self.teacher.load_state_dict(self.student.state_dict())
+        # The teacher's logits in fp32 (divided by a temperature of 0.04, bf16 rounding would be magnified).
+        self.teacher = MultiCropWrapper(build_backbone(cfg.arch)[0], DINOHead(self.embed_dim, cfg.out_dim,
+                                                                              fp32_logits=True))
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.student.to(self.device, memory_format=fmt)
         self.teacher.to(self.device, memory_format=fmt)
+        # Every rank starts from rank 0's student, and the teacher is copied from it only then.
+        broadcast_from_rank0_(self.student)
+        self.teacher.load_state_dict(self.student.state_dict())
         for p in self.teacher.parameters():
             p.requires_grad = False
-        self.student_ddp: nn.Module = self.student
-        if self.world > 1:
-            self.student_ddp = nn.parallel.DistributedDataParallel(
-                self.student, device_ids=[self.device.index] if self.on_cuda else None)
+        torch.manual_seed(cfg.seed + self.rank)  # from here on each rank draws its own numbers
+        np.random.seed(cfg.seed + self.rank)
+        # Gradients averaged over ranks in one all-reduce after backward (see oodfast.train.distributed:
+        # DistributedDataParallel cannot be traced by the fullgraph-compiled step); the flags and the
+        # loss centre ride along.
+        self.grad_sync = GradientSync(self.student.parameters(), extra=_CENTER + cfg.out_dim, world=self.world)
         self.loss = DINOLoss(cfg.out_dim, 2 + cfg.local_crops_number, cfg.warmup_teacher_temp, cfg.teacher_temp,
                              cfg.warmup_teacher_temp_epochs, cfg.epochs).to(self.device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.student))
+        # fused: one kernel for all parameters, and a skipped step (found_inf) decided on the device.
+        self.optimizer = torch.optim.AdamW(param_groups(self.student), fused=True)
         self.schedules = Schedules.dino(
             epochs=cfg.epochs, niter_per_ep=self.steps_per_epoch, batch_size=self.B * self.world, lr=cfg.lr,
             min_lr=cfg.min_lr, warmup_epochs=cfg.warmup_epochs, weight_decay=cfg.weight_decay,
@@ -258,6 +319,10 @@ class Trainer:
         self.step = 0
         self._epoch_losses: list[float] = []  # this epoch's step losses so far (checkpointed mid-epoch)
         self.compile_seconds = 0.0
+        self._readout = _Readout(self.device)
+        self._log_path = self.out / "log.jsonl"
+        self._bar: Any = None
+        self._bad_in_row, self._images_seen, self._last, self._t_start = 0, 0, {}, time.perf_counter()
         self._forward = torch.compile(self._forward_impl, fullgraph=True) if cfg.compile else self._forward_impl
         self._pre = torch.compile(self._pre_impl, fullgraph=True) if cfg.compile else self._pre_impl
         self._post = torch.compile(self._post_impl, fullgraph=True) if cfg.compile else self._post_impl
@@ -273,9 +338,12 @@ class Trainer:
             self._restore(load_checkpoint(resume, map_location=self.device))
 
     # ------------------------------------------------------------------------------------------
-    def _loader(self, files: Any, seed: int, epoch_length: int | None, *, sharded: bool = True):
+    def _loader(self, files: Any, seed: int, epoch_length: int | None, *, sharded: bool = True,
+                zero_copy: bool = False):
+        """A multi-crop loader of this run. ``zero_copy``: DALI's own buffers, in its dtype, for batches
+        that :meth:`_stage` copies (the one conversion to the crop dtype happens in that copy)."""
         return multicrop_loader(files, self.crops, self.B, device=self.device, seed=seed, backend=self.cfg.aug,
-                                epoch_length=epoch_length, num_workers=self.cfg.num_workers,
+                                epoch_length=epoch_length, num_workers=self.cfg.num_workers, zero_copy=zero_copy,
                                 **({} if sharded else {"shard_id": 0, "num_shards": 1}))
 
     def views(self) -> list[torch.Tensor]:
@@ -316,17 +384,25 @@ class Trainer:
         self.detector.enqueue(emb, self.ring, self._ids, self._step_t, scores=self._scores, slots=self._slots)
         self.ring.write(self._slots)
 
-    def _forward_impl(self, teacher_temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_impl(self, teacher_temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, teacher backbone features, this rank's batch centre [1, K], loss non-finite as 0-d fp32)."""
         views = self.views()
         with self.amp:
             teacher_out, teacher_feats = self.teacher(views[:2], return_features=True)
-            student_out = self.student_ddp(views)
-        loss = self.loss(student_out, teacher_out, teacher_temp=teacher_temp)
-        return loss, teacher_feats.detach()
+            student_out = self.student(views)
+        # The centre moves in the post-step, with the mean over ranks and only if the step is kept.
+        loss = self.loss(student_out, teacher_out, teacher_temp=teacher_temp, update_center=False)
+        nonfinite = (~torch.isfinite(loss.detach())).float()
+        return loss, teacher_feats.detach(), self.loss.batch_center(teacher_out), nonfinite
 
-    def _post_impl(self, teacher_feats: torch.Tensor, momentum: torch.Tensor) -> None:
+    def _post_impl(self, teacher_feats: torch.Tensor, momentum: torch.Tensor, skipped: torch.Tensor,
+                   center: torch.Tensor) -> None:
+        """EMA teacher and loss centre (both unchanged on a skipped step: ``skipped`` 0-d bool), then the
+        teacher detector's enqueue. A skipped step's images are still scored: by the unchanged teacher."""
         with torch.no_grad():
-            ema_update_(list(self.teacher.parameters()), list(self.student.parameters()), momentum)
+            ema_update_(list(self.teacher.parameters()), list(self.student.parameters()),
+                        torch.where(skipped, torch.ones_like(momentum), momentum))
+            self.loss.apply_center_(center, skip=skipped)
             if self.ring is not None and self.encoder is None:
                 # Teacher detector (random / oracle replay ignore it): the teacher's embeddings of the staged rows.
                 emb = teacher_feats.float().view(2, self.rows, -1)[:, : self.B]
@@ -363,7 +439,7 @@ class Trainer:
         if self.ring is None:
             return
         flagged_only = isinstance(self.detector, RareDetector)
-        for batch in self._loader(self.files, self.cfg.seed + 2, self.cfg.epoch_length):
+        for batch in self._loader(self.files, self.cfg.seed + 2, self.cfg.epoch_length, zero_copy=True):
             if self.ring.is_full():
                 break
             self._stage(batch.views, batch.index, batch.boxes)
@@ -375,7 +451,7 @@ class Trainer:
                         int(self.ring.count), self.cfg.buffer_size)
             filler = RandomDetector(0.5, device=self.device)
             while not self.ring.is_full():
-                for batch in self._loader(self.files, self.cfg.seed + 3, None):
+                for batch in self._loader(self.files, self.cfg.seed + 3, None, zero_copy=True):
                     self._stage(batch.views, batch.index, batch.boxes)
                     filler.enqueue(self._scores.unsqueeze(1), self.ring, self._ids, self._step_t,
                                    scores=self._scores, slots=self._slots)
@@ -404,140 +480,181 @@ class Trainer:
             self.calibrate()
             self.warm_up()
         total = self.schedules.total_steps if cfg.max_steps is None else min(cfg.max_steps, self.schedules.total_steps)
-        log_path = self.out / "log.jsonl"
-        bad_in_row = 0
-        images_seen, t_start, last, first = 0, time.perf_counter(), {}, True
+        self._log_path = self.out / "log.jsonl"
+        self._bad_in_row, self._images_seen, self._last = 0, 0, {}
+        self._t_start = time.perf_counter()
+        first = True
         start_epoch = self.step // self.steps_per_epoch
         for epoch in range(start_epoch, cfg.epochs):
             if self.step >= total:
                 break
-            signum = self._agree(stop)[1]  # a signal during calibration, warm-up or an epoch's last step
+            signum = self._agree(stop)  # a signal during calibration, warm-up or an epoch's last step
             if signum:
-                self._stop(stop, epoch, log_path, signum)
+                self._stop(stop, epoch, signum)
             skip = self.step - epoch * self.steps_per_epoch  # > 0: resuming inside this epoch
             if cfg.detector == "teacher" and isinstance(self.detector, RareDetector) and epoch > 0 and skip == 0:
                 self.calibrate()  # the teacher has moved: refresh the statistics at every epoch start
             self.loader.set_epoch(epoch)
-            bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {epoch}", unit="step",
-                       disable=not self.progress, dynamic_ncols=True)
+            self._bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {epoch}", unit="step",
+                             disable=not self.progress, dynamic_ncols=True)
             # a partial epoch resumed from a checkpoint keeps the losses of its steps before the stop
-            epoch_losses = self._epoch_losses = self._epoch_losses if skip > 0 else []
+            self._epoch_losses = self._epoch_losses if skip > 0 else []
             for i, batch in enumerate(self.loader):
                 if i < skip:
                     continue
                 if self.step >= total:
                     break
                 t0 = time.perf_counter()
-                self._stage(batch.views, batch.index, batch.boxes)
-                self.schedules.write_(self.step, self.sched)
-                self._step_t.fill_(self.step)
-                if self.encoder is not None:
-                    self._pre()
-                loss, teacher_feats = self._forward(self.sched.teacher_temp)
-                loss_value = float(loss.detach())  # the one host read per step (DINO reads it too)
-                # under DDP, one all-reduce: every rank skips a step together, and stops at the same step
-                nonfinite, signum = self._agree(stop, not math.isfinite(loss_value))
-                if nonfinite:
-                    bad_in_row += 1
-                    log.warning("step %d: non-finite loss %s, step skipped (%d in a row)", self.step, loss_value,
-                                bad_in_row)
-                    self._log(log_path, {"step": self.step, "epoch": epoch, "event": "non_finite_loss",
-                                         "loss": str(loss_value)})
-                    if bad_in_row >= cfg.max_bad_steps:
-                        raise TrainingDiverged(
-                            f"{bad_in_row} consecutive non-finite losses at step {self.step}; stopped. The last "
-                            f"checkpoint in {self.out} is intact: lower --lr, raise --warmup_epochs or check the "
-                            "data, then --resume it")
-                    self.step += 1
-                    bar.update()
-                    self._stop_after_step(stop, signum, epoch, log_path)
-                    continue
-                bad_in_row = 0
-                values = self.schedules.values(self.step)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip_grad:
-                    clip_gradients_(self.student, cfg.clip_grad)
-                cancel_last_layer_gradients_(epoch, self.student, cfg.freeze_last_layer)
-                for g, group in enumerate(self.optimizer.param_groups):
-                    group["lr"] = values["lr"]
-                    if g == 0:  # only the first group is regularised (DINO)
-                        group["weight_decay"] = values["weight_decay"]
-                self.optimizer.step()
-                self._post(teacher_feats, self.sched.momentum)
+                self._step(batch, epoch, stop, log=self.step % cfg.log_every == 0 or self.step == total - 1,
+                           timed=not first)
                 if first:  # the first step of a process compiles: timed apart from the steady state
+                    self._settle()
                     self.compile_seconds, first = time.perf_counter() - t0, False
-                else:
-                    images_seen += self.B * self.world
-                epoch_losses.append(loss_value)
-                if self.step % cfg.log_every == 0 or self.step == total - 1:
-                    last = self._record(log_path, epoch, loss_value, values, images_seen,
-                                        time.perf_counter() - t_start - self.compile_seconds)
-                    bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{last['images_per_s']:.1f}",
-                                    flag=f"{last.get('flag_rate', 0):.3f}", buf=last.get("buffer", 0))
+                    self._t_start = time.perf_counter()
                 self.step += 1
-                bar.update()
-                self._stop_after_step(stop, signum, epoch, log_path)
-            bar.close()
-            if epoch_losses:
-                scalars = {k: v for k, v in last.items() if k not in ("step", "epoch", "loss")}
-                self._log(log_path, {**scalars, "epoch": epoch, "event": "epoch_end", "step": self.step,
-                                     "loss": float(np.mean(epoch_losses))})
+                self._bar.update()
+                # The step before this one is read now (its copy to the host has long been started).
+                signum = self._settle(keep=1)
+                if not signum and self.world == 1:
+                    signum = stop.signum or 0  # one process: the signal itself, no agreement needed
+                if signum and self.step % self.steps_per_epoch:
+                    self._stop(stop, epoch, signum)
+            self._settle()
+            self._bar.close()
+            if self._epoch_losses:
+                scalars = {k: v for k, v in self._last.items() if k not in ("step", "epoch", "loss")}
+                self._log({**scalars, "epoch": epoch, "event": "epoch_end", "step": self.step,
+                           "loss": float(np.mean(self._epoch_losses))})
             if self.step % self.steps_per_epoch == 0 or self.step >= total:
                 self.save(epoch)
-        seconds = time.perf_counter() - t_start
-        return {"steps": self.step, "epochs_done": self.step / self.steps_per_epoch, "last": last,
+        seconds = time.perf_counter() - self._t_start
+        return {"steps": self.step, "epochs_done": self.step / self.steps_per_epoch, "last": self._last,
                 "seconds": round(seconds, 1), "compile_seconds": round(self.compile_seconds, 1),
-                "checkpoint": str(self.out / "checkpoint.pth"), "log": str(log_path)}
+                "checkpoint": str(self.out / "checkpoint.pth"), "log": str(self._log_path)}
 
-    def _record(self, path: Path, epoch: int, loss: float, values: dict[str, float], images: int,
-                seconds: float) -> dict[str, Any]:
-        entropy = float(self.loss.teacher_entropy)
-        rec: dict[str, Any] = {"step": self.step, "epoch": epoch, "loss": loss, **values,
-                               "teacher_entropy": entropy, "entropy_ratio": entropy / float(self.loss.max_entropy),
+    def _step(self, batch: Any, epoch: int, stop: StopSignals, *, log: bool, timed: bool = True) -> None:
+        """Stage a loader batch and run one step on it (:meth:`run_step`)."""
+        self._stage(batch.views, batch.index, batch.boxes)
+        self.run_step(epoch, stop, log=log, timed=timed)
+
+    def run_step(self, epoch: int = 0, stop: StopSignals | None = None, *, log: bool = False,
+                 timed: bool = True) -> None:
+        """One training step on the staged rows, enqueued without a host synchronisation: (frozen
+        detector), forward and loss, backward, one all-reduce, clipping, AdamW, EMA, centre, (teacher
+        detector). A step whose loss (on any rank) or gradients are non-finite is skipped on the device:
+        fused AdamW's ``found_inf``, a unit EMA momentum, an unchanged centre. Its scalars reach the host
+        later (:meth:`_settle`); ``self.step`` is not advanced here."""
+        cfg = self.cfg
+        self.schedules.write_(self.step, self.sched)
+        self._step_t.fill_(self.step)
+        if self.encoder is not None:
+            self._pre()
+        sync = self.grad_sync
+        sync.zero_()
+        loss, teacher_feats, center, nonfinite = self._forward(self.sched.teacher_temp)
+        loss.backward()
+        extra = sync.extra
+        extra[_NONFINITE].copy_(nonfinite)
+        extra[_CENTER:].copy_(center.view(-1))
+        if stop is not None and stop.signum is not None and self.world > 1:
+            extra[_SIGTERM if stop.signum == signal.SIGTERM else _SIGINT].fill_(1.0)
+        sync.all_reduce_()  # the gradients, the flags and the centre: the mean over ranks
+        norms = clip_gradients_(sync.params, cfg.clip_grad) if cfg.clip_grad else grad_norms(sync.grads)
+        skipped = (extra[_NONFINITE] > 0) | ~torch.isfinite(norms.sum())
+        cancel_last_layer_gradients_(epoch, self.student, cfg.freeze_last_layer)
+        values = self.schedules.values(self.step)
+        for g, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = values["lr"]
+            if g == 0:  # only the first group is regularised (DINO)
+                group["weight_decay"] = values["weight_decay"]
+        self.optimizer.found_inf = skipped.float()
+        self.optimizer.step()
+        self._post(teacher_feats, self.sched.momentum, skipped, extra[_CENTER:].view(1, -1))
+        scalars = {"loss": loss, "skipped": skipped, "sigterm": extra[_SIGTERM], "sigint": extra[_SIGINT]}
+        if log:
+            scalars["teacher_entropy"] = self.loss.teacher_entropy
+            if self.ring is not None:
+                scalars.update(flag_rate=self.detector.flag_rate, threshold=self.detector.threshold,
+                               buffer=self.ring.count, nonfinite=self.ring.nonfinite_total)
+        self._readout.push({"step": self.step, "epoch": epoch, "log": log, "timed": timed, "values": values},
+                           scalars)
+
+    def _settle(self, *, keep: int = 0) -> int:
+        """Act on the scalars of the pending steps but the newest ``keep``: count a skipped step (and stop
+        the run after ``max_bad_steps`` in a row), keep the loss, write the log record. Returns the
+        signal the ranks agreed on in those steps (0: none)."""
+        signum = 0
+        for meta, v in self._readout.pop(keep):
+            signum = max(signum, self._settle_step(meta, v))
+        return signum
+
+    def _settle_step(self, meta: dict[str, Any], v: dict[str, float]) -> int:
+        step, epoch = meta["step"], meta["epoch"]
+        if v["skipped"]:
+            self._bad_in_row += 1
+            log.warning("step %d: non-finite loss %s, step skipped (%d in a row)", step, v["loss"], self._bad_in_row)
+            self._log({"step": step, "epoch": epoch, "event": "non_finite_loss", "loss": str(v["loss"])})
+            if self._bad_in_row >= self.cfg.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{self._bad_in_row} consecutive non-finite losses at step {step}; stopped. The last "
+                    f"checkpoint in {self.out} is intact: lower --lr, raise --warmup_epochs or check the "
+                    "data, then --resume it")
+        else:
+            self._bad_in_row = 0
+            if meta["timed"]:
+                self._images_seen += self.B * self.world
+            self._epoch_losses.append(v["loss"])
+            if meta["log"]:
+                self._last = self._record(step, epoch, v, meta["values"])
+                if self._bar is not None:
+                    self._bar.set_postfix(loss=f"{v['loss']:.3f}", img_s=f"{self._last['images_per_s']:.1f}",
+                                          flag=f"{self._last.get('flag_rate', 0):.3f}", buf=self._last.get("buffer", 0))
+        if v["sigterm"] > 0:
+            return int(signal.SIGTERM)
+        return int(signal.SIGINT) if v["sigint"] > 0 else 0
+
+    def _record(self, step: int, epoch: int, v: dict[str, float], values: dict[str, float]) -> dict[str, Any]:
+        seconds = time.perf_counter() - self._t_start
+        images = self._images_seen
+        rec: dict[str, Any] = {"step": step, "epoch": epoch, "loss": v["loss"], **values,
+                               "teacher_entropy": v["teacher_entropy"],
+                               "entropy_ratio": v["teacher_entropy"] / float(self.loss.max_entropy),
                                "images_per_s": images / seconds if seconds > 0 and images else 0.0}
         if self.ring is not None:
-            rec.update(flag_rate=float(self.detector.flag_rate), threshold=float(self.detector.threshold),
-                       buffer=int(self.ring.count), nonfinite=int(self.ring.nonfinite_total))
-        self._log(path, rec)
+            rec.update(flag_rate=v["flag_rate"], threshold=v["threshold"], buffer=int(v["buffer"]),
+                       nonfinite=int(v["nonfinite"]))
+        self._log(rec)
         if self.tb is not None:
             for key, value in rec.items():
                 if key not in ("step", "epoch"):
-                    self.tb.add_scalar(f"train/{key}", value, self.step)
+                    self.tb.add_scalar(f"train/{key}", value, step)
         return rec
 
-    def _log(self, path: Path, record: dict[str, Any]) -> None:
+    def _log(self, record: dict[str, Any]) -> None:
         if self.rank == 0:
-            with open(path, "a") as f:
+            with open(self._log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     # ---- stopping on a signal ---------------------------------------------------------------------
-    def _agree(self, stop: StopSignals, nonfinite: bool = False) -> tuple[bool, int]:
-        """(whether any rank's loss is non-finite, the signal any rank got or 0): one all-reduce under DDP,
-        so every rank takes the same decision at the same step."""
+    def _agree(self, stop: StopSignals) -> int:
+        """The signal any rank got, or 0: one all-reduce under DDP, so every rank takes the same decision.
+        Used between epochs only; within an epoch the flags ride in the gradient all-reduce."""
         signum = stop.signum or 0
         if self.world > 1:
-            flags = torch.tensor([int(nonfinite), signum], dtype=torch.int64, device=self.device)
+            flags = torch.tensor([signum], dtype=torch.int64, device=self.device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            nonfinite, signum = bool(flags[0]), int(flags[1])
-        return nonfinite, signum
+            signum = int(flags[0])
+        return signum
 
-    def _stop_after_step(self, stop: StopSignals, signum: int, epoch: int, log_path: Path) -> None:
-        """Stop now if a signal was agreed on (single process: if one arrived during the step). At the
-        end of an epoch the stop waits for the epoch's log record and checkpoint (next epoch's check)."""
-        if not signum and self.world == 1:
-            signum = stop.signum or 0
-        if signum and self.step % self.steps_per_epoch:
-            self._stop(stop, epoch, log_path, signum)
-
-    def _stop(self, stop: StopSignals, epoch: int, log_path: Path, signum: int) -> None:
+    def _stop(self, stop: StopSignals, epoch: int, signum: int) -> None:
         """Checkpoint this step (rank 0; the other ranks wait for it) and raise TrainingInterrupted."""
         stop.deferring = True  # a second signal now would kill the process mid-write: it waits
+        self._settle()  # the last step's loss belongs to the checkpoint's partial epoch
         self.save(epoch, numbered=False)  # mid-epoch or not, checkpoint.pth holds this step
         if self.world > 1:
             dist.barrier()  # no rank exits (and makes torchrun kill rank 0) before the checkpoint is written
         name = signal.Signals(signum).name
-        self._log(log_path, {"step": self.step, "epoch": epoch, "event": "interrupted", "signal": name})
+        self._log({"step": self.step, "epoch": epoch, "event": "interrupted", "signal": name})
         ckpt = self.out / "checkpoint.pth"
         raise TrainingInterrupted(f"{name}: stopped after step {self.step} of {self.schedules.total_steps}; "
                                   f"{ckpt} holds it: continue with --resume {ckpt}", signum, ckpt)

@@ -164,3 +164,20 @@ def test_build_backbone():
     for bad in ["resnet51", "vit_b_16", ""]:
         with pytest.raises(ValueError, match=r"unknown backbone arch .*resnet18.*resnet50"):
             build_backbone(bad)
+
+
+def test_teacher_logits_are_fp32_under_bf16_autocast():
+    """The teacher's logits feed a softmax at temperature 0.04: bf16 rounding (2^-8 relative) would be
+    magnified 25-fold. With fp32_logits the bottleneck and last layer run in fp32 under autocast."""
+    torch.manual_seed(0)
+    head = DINOHead(32, 512, hidden_dim=64, bottleneck_dim=16, fp32_logits=True)
+    x = torch.randn(8, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(x)
+        mlp = head.mlp(x)  # the MLP still runs in bf16
+    assert out.dtype == torch.float32 and mlp.dtype == torch.bfloat16
+    expected = head.last_layer(torch.nn.functional.normalize(mlp.float(), dim=-1))
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    head.fp32_logits = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert head(x).dtype == torch.bfloat16

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 from pathlib import Path
@@ -34,6 +35,47 @@ def tiny(data_root: str, out: Path, **overrides) -> TrainConfig:
                 epoch_length=16, buffer_size=2, calib_size=8, compile=False, log_every=1, output_dir=str(out),
                 num_workers=1, deterministic=True)
     return TrainConfig.cpu(**{**base, **overrides})
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Every Python-side read of a tensor's value (item, bool, float, int, tolist, numpy: on a GPU each
+    is a device synchronisation) raises while entered."""
+    names = ["item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy"]
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def refuse(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"a training step read a tensor on the host: Tensor.{name}")
+        return read
+
+    for n in names:
+        setattr(torch.Tensor, n, refuse(n))
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+def staged(trainer: Trainer) -> Trainer:
+    """Calibrated, warmed up, one loader batch staged: ready for ``run_step``."""
+    trainer.calibrate()
+    trainer.warm_up()
+    batch = next(iter(trainer.loader))
+    trainer._stage(batch.views, batch.index, batch.boxes)
+    return trainer
+
+
+def test_a_step_never_reads_a_tensor_on_the_host(data_root, tmp_path):
+    """Nothing in a step waits for the device: the loss and the scalars reach the host a step later,
+    through an asynchronous copy (here a log step, the heaviest). The compiled variant of this check is
+    in test_compiled_steps_match_eager_without_recompiling."""
+    t = staged(Trainer(tiny(data_root, tmp_path / "nosync"), progress=False))
+    t.run_step()  # first step: lazy optimizer state
+    with no_host_reads():
+        t.run_step(log=True)
+    assert t._settle() == 0 and t._last["step"] == 0 and t._last["loss"] > 0
 
 
 def losses(out: Path) -> list[float]:
@@ -238,6 +280,12 @@ def test_compiled_steps_match_eager_without_recompiling(data_root, tmp_path):
     compiled.resumed = True  # calibration and warm-up done; keep them out of the recompile check
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled.train()
+        # the default (compiled) step reads nothing on the host either
+        compiled.step = 5
+        batch = next(iter(compiled.loader))
+        compiled._stage(batch.views, batch.index, batch.boxes)
+        with no_host_reads():
+            compiled.run_step(log=True)
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-3)
 
 
@@ -265,18 +313,29 @@ def torchrun2(tmp_path: Path, name: str, body: str, port: int, returncode: int |
 
 @pytest.mark.slow
 def test_two_process_gloo_run(data_root, tmp_path):
-    """torchrun with 2 CPU processes: DDP over gloo, sharded data, one ring per rank, rank 0 saves every
+    """torchrun with 2 CPU processes and the default compiled step: data parallel over gloo (one
+    gradient all-reduce), sharded data, one teacher for all ranks, one ring per rank; rank 0 saves every
     rank's ring, detector and RNG, and a resumed run gives each rank its own."""
     out = tmp_path / "ddp"
     lines = torchrun2(tmp_path, "ddp_run", (
-        f"t = Trainer(tiny({data_root!r}, Path({str(out)!r}), max_steps=3, epoch_length=32), progress=False)\n"
+        "import hashlib\n"
+        "def digest(m):\n"
+        "    return hashlib.sha256(b''.join(p.detach().numpy().tobytes() for p in m.parameters())).hexdigest()[:16]\n"
+        f"t = Trainer(tiny({data_root!r}, Path({str(out)!r}), max_steps=3, epoch_length=32, compile=True),"
+        " progress=False)\n"
+        "born = digest(t.teacher)\n"
         "s = t.train()\n"
-        "print(f'RANK {dist.get_rank()} WORLD {dist.get_world_size()} STEPS {s[\"steps\"]} IDS {t._ids.tolist()}\\n',"
-        " end='', flush=True)\n"), port=29533)
+        "print(f'RANK {dist.get_rank()} WORLD {dist.get_world_size()} STEPS {s[\"steps\"]} BORN {born} '\n"
+        "      f'STUDENT {digest(t.student)} TEACHER {digest(t.teacher)} IDS {t._ids.tolist()}\\n', end='', flush=True)\n"),
+        port=29533)
     assert [line.split()[1] for line in lines] == ["0", "1"]
     assert all("WORLD 2 STEPS 3" in line for line in lines)
     ids = [set(eval(line.split("IDS ")[1])) for line in lines]
     assert not ids[0] & ids[1], "the two ranks must see different images"
+    fields = [dict(zip(line.split()[6:12:2], line.split()[7:12:2])) for line in lines]
+    # one teacher at birth (it was each rank's own seed's network), and the same weights after three
+    # steps of different data on each rank: the gradients were averaged
+    assert fields[0] == fields[1], fields
 
     # each rank's own buffer, detector and RNG are in the checkpoint, and each rank gets its own back
     ranks = load_checkpoint(out / "checkpoint.pth")["ranks"]
@@ -306,10 +365,11 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(data_root, tmp_p
         "    t.train()\n"
         "except TrainingInterrupted:\n"
         "    print(f'RANK {dist.get_rank()} STOPPED AT {t.step}\\n', end='', flush=True)\n"), port=29534)
-    # the ranks agree at the next step's loss read: the signal, sent after step 2's agreement, stops
-    # both after step 3 (t.step 4)
-    assert lines == ["RANK 0 STOPPED AT 4", "RANK 1 STOPPED AT 4"]
-    assert load_checkpoint(out / "checkpoint.pth")["step"] == 4
+    # the flags ride in each step's gradient all-reduce and are read once the next step is enqueued: the
+    # signal, sent after step 2's all-reduce, travels in step 3's and is read after step 4, so both
+    # ranks stop after step 4 (t.step 5)
+    assert lines == ["RANK 0 STOPPED AT 5", "RANK 1 STOPPED AT 5"]
+    assert load_checkpoint(out / "checkpoint.pth")["step"] == 5
 
 
 @pytest.mark.slow
@@ -338,10 +398,10 @@ def test_torchrun_cli_run_stopped_by_a_signal_leaves_the_checkpoint_of_that_step
         f"    '--synthetic-size', '128x72', '--output_dir', {str(out)!r}]\n"
         "main()\n"), port=29535, returncode=None)
     ckpt = load_checkpoint(out / "checkpoint.pth")
-    assert ckpt["step"] == 3  # agreed at step 2's loss read: both ranks stop after step 2
+    assert ckpt["step"] == 4  # in step 2's all-reduce, read after step 3: both ranks stop after step 3
     assert not list(out.glob(".checkpoint.pth.*")), "a checkpoint write was cut short"
     events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert any(e.get("event") == "interrupted" and e["step"] == 3 for e in events)
+    assert any(e.get("event") == "interrupted" and e["step"] == 4 for e in events)
 
 
 def test_tensorboard_option(data_root, tmp_path):
