@@ -162,20 +162,10 @@ def prepared_trainer(trainer: Any) -> Any:
 
 def train_step(t: Any) -> None:
     """One full step on the staged batch: the trainer's own ``run_step`` (pre-step, forward + loss,
-    backward, clipping, AdamW, post-step), its scalars read back one step late as the training loop does."""
-    if hasattr(t, "run_step"):
-        t.run_step()
-        t._readout.pop(keep=1)
-        return
-    # a Trainer without run_step (before oodfast.train split the step out of its loop)
-    t.schedules.write_(0, t.sched)
-    if t.encoder is not None:
-        t._pre()
-    loss, feats = t._forward(t.sched.teacher_temp)
-    t.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    t.optimizer.step()
-    t._post(feats, t.sched.momentum)
+    backward, all-reduce, clipping, AdamW, post-step), its scalars read back a step late as the training
+    loop does."""
+    t.run_step()
+    t._readout.pop(keep=1)
 
 
 def ring_case(device: torch.device, B: int, C: int, flagged: int, dtype: torch.dtype):
