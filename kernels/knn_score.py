@@ -38,15 +38,13 @@ How the Triton path finds the k-th largest similarity without ever materialising
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from oodfast.kernels._op import kernel_op
+from oodfast.kernels._op import LaunchConfig, kernel_op, num_sms
 
 __all__ = ["knn_score", "knn_score_reference", "normalize_bank"]
 
@@ -80,7 +78,7 @@ def _kth_of(top, cols, k):
     return tl.sum(tl.where(cols[None, :] == k - 1, top, 0.0), axis=1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["write_partial"])  # 0 and 1 share one compiled kernel
 def _knn_topk_kernel(
     x_ptr,  # [B, D] fp32/bf16/fp16, any strides, not normalised
     bank_ptr,  # [N, D] fp32/bf16/fp16, any strides, rows L2-normalised
@@ -96,11 +94,12 @@ def _knn_topk_kernel(
     stride_bn,
     stride_bd,
     stride_out,
+    write_partial,  # 1: several splits, write the sorted buffer to ws; 0: write the score (a runtime
+    # flag, uniform per launch: one compiled kernel for both, half the configurations to compile)
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     KPAD: tl.constexpr,
-    WRITE_PARTIAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     pid_b = tl.program_id(0)  # query block: fastest-varying, so programs sharing a bank slice run together (L2 reuse)
@@ -151,7 +150,7 @@ def _knn_topk_kernel(
             top = _merge_desc(top, tl.topk(sims, KPAD), KPAD)
             kth = _kth_of(top, cols, k)
 
-    if WRITE_PARTIAL:
+    if write_partial != 0:
         ws = ws_ptr + (pid_s.to(tl.int64) * B + rows)[:, None] * KPAD + cols[None, :]
         tl.store(ws, top, mask=row_mask[:, None])
         # Split 0 hands the validity of each row to the merge kernel through `out` (0 or NaN).
@@ -225,43 +224,70 @@ def _next_pow2(n: int) -> int:
     return 1 << (int(n) - 1).bit_length()
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1  # TRITON_INTERPRET=1 on CPU: more programs only cost interpreter time
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _block_sizes(b: int, d: int, k: int, bank_dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     """(BLOCK_B, BLOCK_N, BLOCK_D, KPAD, num_warps), with the reasons behind each choice.
 
+    Few configurations on purpose: every one is compiled for sm_90a and sm_80 by
+    tests/kernels/test_compile.py (real compiler + ptxas, no spills allowed), and each costs seconds.
+
+    * KPAD = max(16, next_pow2(k)): the running buffer; k < 16 costs a 16-wide merge instead of a
+      narrower one (small next to the tile's top-k) and saves four configurations.
     * BLOCK_B: query rows per program = the MMA M dimension. 64 amortises each bank tile over many
-      queries (bank traffic = N*D*bytes per query block) while the [64, KPAD] running buffer and the
-      [64, BLOCK_N] accumulator stay in registers; tl.dot needs M >= 16, so small batches use 16/32.
-      KPAD > 64 halves it to 32, else the larger buffer and sort spill.
-    * BLOCK_N: bank rows per tile = MMA N and the width sorted by tl.topk. 128 costs one bitonic top-k
-      of 128 values per 128 new similarities (and most tiles skip even that); it must be >= KPAD.
-    * BLOCK_D: reduction chunk = MMA K: 128 bytes of a bank row (one cache line: 64 16-bit or 32 fp32
-      elements), >= 16 as tl.dot requires; 3 pipeline stages then use 72 KiB (16-bit) / 56 KiB (fp32) of
-      shared memory, within every sm_80+ GPU's limit.
-    * num_warps: 8 for 64 x 128 tiles. ptxas for sm_90a (offline, stride-1 specialised): 8 warps use
-      184 registers/thread, no spills; 4 warps hit the 255 cap. 4 warps suffice for the smaller tiles.
-    Not measured on a GPU yet: benchmarks/bench_score.py should sweep these on one.
+      queries (bank traffic = N*D*bytes per query block). KPAD > 64: 32 rows (16-bit banks) / 16 rows
+      (fp32), else the [BLOCK_B, KPAD] buffer and the sort spill. Small batches use the same tiles
+      (the masked rows cost MMA and sort work, not bank traffic; not measured on a GPU yet).
+    * BLOCK_N: bank rows per tile = MMA N and the width sorted by tl.topk: max(128, KPAD).
+    * BLOCK_D: reduction chunk = MMA K. 16-bit banks: 64 (128 bytes, one cache line). fp32 banks
+      ("ieee" products, FMA-based on sm_80): 16 at KPAD <= 64 (32 spilled 8-12 B on sm_80 at 255
+      registers), 32 with the 16-row blocks. 3 pipeline stages stay under 80 KiB of shared memory.
+    * num_warps: 8. ptxas -v, sm_90a / sm_80 (tests/kernels/test_compile.py prints the table):
+      bf16 KPAD 64 [64 x 128]: 187 / 220 registers; bf16 KPAD 256 [32 x 256]: 242 / 255; fp32
+      KPAD 64 [64 x 128, K=16]: 218 on sm_80; fp32 KPAD 256 [16 x 256]: 185 on sm_80; no spills.
+      Smaller blocks at 8 warps are worse, not better: ptxas then caps itself at 128 registers
+      (two blocks per SM) and spills (fp32 [32 x 128]: 20-24 B on sm_80).
     """
-    kpad = _next_pow2(k)
-    block_b = min(64 if kpad <= 64 else 32, max(16, _next_pow2(b)))
+    kpad = max(16, _next_pow2(k))
     block_n = max(128, kpad)
-    block_d = min(128 // bank_dtype.itemsize, max(16, _next_pow2(d)))
-    num_warps = 8 if block_b * block_n >= 64 * 128 else 4
-    return block_b, block_n, block_d, kpad, num_warps
+    if bank_dtype == torch.float32:
+        block_b, block_d = (64, 16) if kpad <= 64 else (16, 32)
+    else:
+        block_b, block_d = (64 if kpad <= 64 else 32), 64
+    return block_b, block_n, block_d, kpad, 8
 
 
-def _num_splits(n_query_blocks: int, n: int, block_n: int, device: torch.device) -> int:
+def _num_splits(n_query_blocks: int, n: int, block_n: int, sm_count: int) -> int:
     # Aim for ~2 waves of programs; keep >= 4 tiles per split so the per-program prologue (norm pass)
     # and the partial write stay small against the bank pass.
-    want = max(1, (2 * _num_sms(device)) // n_query_blocks)
+    want = max(1, (2 * sm_count) // n_query_blocks)
     most = max(1, triton.cdiv(n, 4 * block_n))
     return min(want, most)
+
+
+def launch_config(b: int, d: int, n: int, k: int, bank_dtype: torch.dtype, sm_count: int,
+                  num_splits: int | None = None) -> list[LaunchConfig]:
+    """The launches of :func:`_knn_score_triton` for x [b, d], a bank [n, d] of ``bank_dtype`` and
+    ``k``, on a device with ``sm_count`` SMs: the top-k pass, then (with several splits) the merge.
+    A pure function: tests/kernels/test_compile.py compiles every configuration it returns.
+    """
+    block_b, block_n, block_d, kpad, num_warps = _block_sizes(b, d, k, bank_dtype)
+    n_qb = triton.cdiv(b, block_b)
+    splits = num_splits if num_splits is not None else _num_splits(n_qb, n, block_n, sm_count)
+    rows_per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
+    splits = triton.cdiv(n, rows_per_split)  # no empty splits
+    # fp32 banks: exact fp32 products (TF32 would cost ~1e-3 in the similarity); 16-bit banks are the
+    # fast path (half the bank traffic, tensor cores) and need no flag.
+    precision = "ieee" if bank_dtype == torch.float32 else "tf32"
+    topk = LaunchConfig("_knn_topk_kernel", (n_qb, splits),
+                        dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d, KPAD=kpad,
+                             INPUT_PRECISION=precision),
+                        num_warps=num_warps, num_stages=3,
+                        params=dict(rows_per_split=rows_per_split, splits=splits, write_partial=int(splits > 1)))
+    if splits == 1:
+        return [topk]
+    # [16, KPAD] buffers: the merge reads S*B*KPAD*4 bytes, negligible next to the bank pass.
+    merge_b = 16
+    return [topk, LaunchConfig("_knn_merge_kernel", (triton.cdiv(b, merge_b),), dict(BLOCK_B=merge_b, KPAD=kpad),
+                               num_warps=4, num_stages=1, params=dict(splits=splits))]
 
 
 def _knn_score_triton(x: Tensor, bank: Tensor, k: int, out: Tensor, *, num_splits: int | None = None) -> None:
@@ -270,32 +296,25 @@ def _knn_score_triton(x: Tensor, bank: Tensor, k: int, out: Tensor, *, num_split
     n = bank.shape[0]
     if b == 0:
         return
-    block_b, block_n, block_d, kpad, num_warps = _block_sizes(b, d, k, bank.dtype)
-    if kpad > _MAX_KPAD:
+    if _next_pow2(k) > _MAX_KPAD:
         raise ValueError(
             f"k={k} is too large for the Triton kernel (next power of two must be <= {_MAX_KPAD}); "
             "use backend='auto' or 'torch'"
         )
-    n_qb = triton.cdiv(b, block_b)
-    splits = num_splits if num_splits is not None else _num_splits(n_qb, n, block_n, x.device)
-    rows_per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
-    splits = triton.cdiv(n, rows_per_split)  # no empty splits
-    # fp32 banks: exact fp32 products (TF32 would cost ~1e-3 in the similarity); 16-bit banks are the
-    # fast path (half the bank traffic, tensor cores) and need no flag.
-    precision = "ieee" if bank.dtype == torch.float32 else "tf32"
+    configs = launch_config(b, d, n, k, bank.dtype, num_sms(x.device), num_splits)
+    topk = configs[0]
+    splits, kpad = topk.params["splits"], topk.constexprs["KPAD"]
     ws = out if splits == 1 else torch.empty((splits, b, kpad), device=x.device, dtype=torch.float32)
-    wrap_triton(_knn_topk_kernel)[(n_qb, splits)](
+    wrap_triton(_knn_topk_kernel)[topk.grid](
         x, bank, out, ws,
-        b, n, d, k, rows_per_split,
-        x.stride(0), x.stride(1), bank.stride(0), bank.stride(1), out.stride(0),
-        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d, KPAD=kpad,
-        WRITE_PARTIAL=splits > 1, INPUT_PRECISION=precision,
-        num_warps=num_warps, num_stages=3,
+        b, n, d, k, topk.params["rows_per_split"],
+        x.stride(0), x.stride(1), bank.stride(0), bank.stride(1), out.stride(0), topk.params["write_partial"],
+        **topk.constexprs, num_warps=topk.num_warps, num_stages=topk.num_stages,
     )  # fmt: skip
-    if splits > 1:
-        merge_b = 16  # [16, KPAD] buffers: the merge reads S*B*KPAD*4 bytes, negligible next to the bank pass
-        wrap_triton(_knn_merge_kernel)[(triton.cdiv(b, merge_b),)](
-            ws, out, b, k, splits, out.stride(0), BLOCK_B=merge_b, KPAD=kpad, num_warps=4
+    for merge in configs[1:]:
+        wrap_triton(_knn_merge_kernel)[merge.grid](
+            ws, out, b, k, splits, out.stride(0), **merge.constexprs,
+            num_warps=merge.num_warps, num_stages=merge.num_stages,
         )
 
 
@@ -361,8 +380,7 @@ def normalize_bank(features: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
-@kernel_op("oodfast::knn_score_out", mutates_args={"out"})
-def _knn_score_out(x: Tensor, bank: Tensor, k: int, out: Tensor) -> None:
+def _knn_score_out_body(x: Tensor, bank: Tensor, k: int, out: Tensor) -> None:
     _check_inputs(x, bank, k, out)
     # Branches on static metadata only. With a GPU this is a triton_op, whose body torch.compile traces
     # (decomposes) for every device, bypassing register_kernel("cpu"): CPU tensors must trace into the
@@ -371,6 +389,9 @@ def _knn_score_out(x: Tensor, bank: Tensor, k: int, out: Tensor) -> None:
         out.copy_(knn_score_reference(x, bank, k))  # still tiled: never B x N
         return
     _knn_score_triton(x, bank, k, out)
+
+
+_knn_score_out = kernel_op("oodfast::knn_score_out", mutates_args=("out",))(_knn_score_out_body)
 
 
 @_knn_score_out.register_kernel("cpu")

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from oodfast.kernels._op import kernel_op
+from oodfast.kernels._op import LaunchConfig, kernel_op
 
 
 @triton.jit
@@ -53,9 +53,16 @@ def _ring_copy_kernel(
             _copy_row(src1_ptr, dst1_ptr, src1_sv, src1_sb, dst1_sv, dst1_sc, v - V0, b, slot, E1, BLOCK)
 
 
-# 4096 elements per iteration: 8 KiB of fp16 per program step, long enough runs for full-width
-# 128-byte transactions while a 224 x 224 x 3 crop still takes only 37 iterations.
-BLOCK = 4096
+def launch_config(B: int, V: int, dtype: torch.dtype) -> LaunchConfig:
+    """The launch of :func:`ring_copy` for B batch rows, V views in all and crops of ``dtype``.
+
+    Grid (B, V): one program per (row, view); a program whose row has no slot returns after one load.
+    BLOCK = 16 KiB of crop per iteration (8192 16-bit or 4096 fp32 elements) over 8 warps: 64 bytes,
+    four 16-byte vectors, per thread in flight, and a 224 x 224 x 3 crop in 19 (16-bit) / 37 (fp32)
+    iterations. The old 4096 elements over 4 warps (32 per thread) spilled 32 B on sm_90a: with a
+    crop size that is not a multiple of 16 every element has its own mask predicate.
+    """
+    return LaunchConfig("_ring_copy_kernel", (B, V), dict(BLOCK=16384 // dtype.itemsize), num_warps=8, num_stages=1)
 
 
 def _check_group(i: int, src: torch.Tensor, dst: torch.Tensor, B: int, device: torch.device) -> None:
@@ -96,30 +103,38 @@ def _launch(slots, src0, dst0, src1, dst1) -> None:
     V = src0.shape[0] + src1.shape[0]
     if B == 0 or V == 0:
         return
-    wrap_triton(_ring_copy_kernel)[(B, V)](
+    cfg = launch_config(B, V, src0.dtype)
+    wrap_triton(_ring_copy_kernel)[cfg.grid](
         slots,
         src0, dst0, src0.stride(0), src0.stride(1), dst0.stride(0), dst0.stride(1), src0.shape[0], src0[0, 0].numel(),
         src1, dst1, src1.stride(0), src1.stride(1), dst1.stride(0), dst1.stride(1), src1[0, 0].numel() if src1.shape[0] else 0,
-        BLOCK=BLOCK,
+        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
 def ring_copy_reference(slots: torch.Tensor, src0: torch.Tensor, dst0: torch.Tensor,
                         src1: torch.Tensor | None = None, dst1: torch.Tensor | None = None) -> None:
-    """Pure-torch reference (host-synchronising: it selects the flagged rows with a boolean mask)."""
-    keep = slots >= 0
-    rows, where = keep.nonzero().squeeze(1), slots[keep].long()
+    """Pure-torch reference, static shapes and no host sync (torch.compile traces it with fullgraph):
+    each ring slot c takes the row b with ``slots[b] == c`` (at most one), or keeps its contents."""
     for src, dst in ((src0, dst0), (src1, dst1)):
-        if src is not None and rows.numel():
-            dst[:, where] = src[:, rows]
+        if src is None or dst.shape[1] == 0 or slots.shape[0] == 0:
+            continue
+        hit = slots.long()[None, :] == torch.arange(dst.shape[1], device=slots.device)[:, None]  # [C, B]
+        has = hit.any(1).view(1, -1, *([1] * (dst.dim() - 2)))
+        dst.copy_(torch.where(has, src[:, hit.long().argmax(1)], dst))
 
 
-@kernel_op("oodfast::ring_copy", mutates_args={"dst0", "dst1"})
-def _ring_copy_op(slots: torch.Tensor, src0: torch.Tensor, dst0: torch.Tensor,
-                  src1: torch.Tensor | None, dst1: torch.Tensor | None) -> None:
+def _ring_copy_body(slots: torch.Tensor, src0: torch.Tensor, dst0: torch.Tensor,
+                    src1: torch.Tensor | None, dst1: torch.Tensor | None) -> None:
+    # Branches on static metadata only. With a GPU this is a triton_op, whose body torch.compile traces
+    # for every device, bypassing register_kernel("cpu"): CPU tensors must trace into the reference.
+    if slots.device.type != "cuda":
+        ring_copy_reference(slots, src0, dst0, src1, dst1)
+        return
     _launch(slots, src0, dst0, src1, dst1)
 
 
+_ring_copy_op = kernel_op("oodfast::ring_copy", mutates_args=("dst0", "dst1"))(_ring_copy_body)
 _ring_copy_op.register_kernel("cpu")(ring_copy_reference)
 # Mutation only, no outputs; explicit so tracing never runs Triton's interpreter on fake tensors.
 _ring_copy_op.register_fake(lambda *args: None)

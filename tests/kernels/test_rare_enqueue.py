@@ -13,15 +13,22 @@ import pytest
 import torch
 
 from oodfast.detect import ledoit_wolf
+import oodfast.kernels.rare_enqueue as rare_module
 from oodfast.kernels.rare_enqueue import METRICS, rare_enqueue, rare_score
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-4), (torch.float16, 1e-4)]  # (dtype, relative score tol)
+# (dtype, relative score tolerance against the float64 oracle). The oracle scores x as rounded to
+# dtype, so every dtype sees the same fp32 arithmetic: fp32 sums over D (~sqrt(D) * 6e-8, 3e-6 at
+# D = 2048) and, for mahalanobis on CUDA, "tf32x3" projections (~1e-6). 1e-5 holds with that margin;
+# plain TF32 (~5e-4, what the kernel used before) does not. 16-bit inputs get 1e-4 for the larger
+# sums of squares their bigger rounding steps produce near the mean. Flags are compared exactly
+# except within 10 tolerances of the threshold.
+DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-4), (torch.float16, 1e-4)]
 
 
-def make_stats(metric: str, D: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Fitted-looking statistics for ``metric`` in D dimensions."""
-    calib = torch.randn(max(8, min(D, 40)), D, generator=gen) * torch.linspace(0.5, 2.0, D)
+def make_stats(metric: str, D: int, gen: torch.Generator, n_calib: int | None = None) -> dict[str, torch.Tensor]:
+    """Fitted-looking statistics for ``metric`` in D dimensions (mahalanobis: rank < n_calib axes)."""
+    calib = torch.randn(n_calib or max(8, min(D, 40)), D, generator=gen) * torch.linspace(0.5, 2.0, D)
     center, alpha = calib.mean(0), torch.tensor(1.0)
     proj, coef = torch.zeros(0, D), torch.zeros(0)
     if metric == "cosine":
@@ -220,3 +227,56 @@ def test_bad_arguments_name_themselves(change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         rare_enqueue(**args)
+
+
+def test_mahalanobis_split_over_r_matches_oracle_and_is_bit_stable():
+    """R = 149 axes: three R splits (BLOCK_R = 64) whose partials the finishing program (rare_enqueue)
+    or the combine launch (rare_score) adds in split order; V = 2 views of 37 images. The same inputs
+    twice give bit-identical scores and the same ring."""
+    gen = torch.Generator().manual_seed(17)
+    D, B = 150, 37
+    stats = make_stats("mahalanobis", D, gen, n_calib=150)
+    R = stats["proj"].shape[0]
+    cfg = rare_module.launch_config(METRICS["mahalanobis"], True, 2, B, D, R, torch.float32, 1, "cpu")[0]
+    assert cfg.params["n_split"] >= 3, (R, cfg)
+    xs = [torch.randn(2, B, D, generator=gen) for _ in range(3)]
+    xs[1][1, 4, 7] = float("nan")
+    check_against_deque(xs, stats, "mahalanobis", 8, [0, 5, B], "triton", torch.float32, 1e-5)
+    on_device = [t.to(DEVICE) for t in (xs[2], stats["center"], stats["proj"], stats["coef"], stats["alpha"])]
+    once = rare_score(*on_device, METRICS["mahalanobis"], backend="triton").cpu()
+    torch.testing.assert_close(once.double(), oracle_scores(xs[2], stats, "mahalanobis"), rtol=1e-5, atol=1e-5)
+    again = rare_score(*on_device, METRICS["mahalanobis"], backend="triton").cpu()
+    assert torch.equal(once.view(torch.int32), again.view(torch.int32)), "scores must be bit-stable"
+    rings = []
+    for _ in range(2):
+        ring = Ring(8)
+        scores, slots = call(xs[2], stats, "mahalanobis", float(once.median()), torch.arange(B), 0, ring, "triton")
+        rings.append((scores.view(torch.int32), slots, ring.ids, ring.state))
+    assert all(torch.equal(a, b) for a, b in zip(*rings))
+
+
+def test_metric_ids_are_python_ints_and_kernel_constants_constexpr():
+    """The Python API takes plain ints (torch op schemas, detect.py); @jit code reads tl.constexpr
+    globals (the compiler rejects any other global: "Cannot access global variable SCORE")."""
+    import triton.language as tl
+
+    ids = (rare_module.EUCLIDEAN, rare_module.COSINE, rare_module.MAHALANOBIS, rare_module.SCORE)
+    assert all(type(v) is int for v in ids) and list(METRICS.values()) == list(ids)
+    kernel_side = (rare_module._EUCLIDEAN, rare_module._COSINE, rare_module._MAHALANOBIS, rare_module._SCORE)
+    assert all(isinstance(c, tl.constexpr) and c.value == v for c, v in zip(kernel_side, ids))
+
+
+def test_grid_fills_an_h200_at_the_design_point():
+    """B = 1024 images x D = 2048 bf16, V = 2, on 132 SMs: >= 2 programs per SM for the memory-bound
+    metrics (the old BLOCK_M = 32 grid had 32), >= 1 per SM for mahalanobis split over R (R = 255),
+    and never TF32 for the projections on CUDA (tf32x3 or ieee: fp32-accurate)."""
+    for metric in ("euclidean", "cosine"):
+        cfg = rare_module.launch_config(METRICS[metric], True, 2, 1024, 2048, 0, torch.bfloat16, 132, "cuda")
+        assert len(cfg) == 1 and cfg[0].grid[0] * cfg[0].grid[1] >= 2 * 132, cfg
+    for has_ring in (True, False):
+        cfgs = rare_module.launch_config(METRICS["mahalanobis"], has_ring, 2, 1024, 2048, 255, torch.bfloat16,
+                                         132, "cuda")
+        main = cfgs[0]
+        assert main.grid[1] > 1 and main.grid[0] * main.grid[1] >= 132, main
+        assert main.constexprs["DOT_PRECISION"] in ("tf32x3", "ieee"), main
+        assert len(cfgs) == (1 if has_ring else 2)  # rare_score adds the splits in one more launch
