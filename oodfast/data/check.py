@@ -9,23 +9,32 @@ read, never modified or deleted.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageFile, UnidentifiedImageError
+import numpy as np
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from oodfast.data.classes import IGNORE_ID, NUM_CLASSES
+from oodfast.data.crops import mask_header_problem, mask_values_problem
 from oodfast.data.discover import (
     DatasetFiles,
     default_file_list_path,
     read_file_list,
     write_file_list,
+)
+from oodfast.data.imageio import (
+    bomb_reason,
+    float_problem,
+    max_image_pixels,
+    strict_decoding,
+    too_large,
+    unsupported_mode,
 )
 
 __all__ = [
@@ -43,8 +52,6 @@ __all__ = [
 MIN_SIDE = 32
 #: PIL format names of the files DALI's image decoder reads (it has no GIF decoder, for one).
 DALI_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "BMP", "TIFF", "PPM", "JPEG2000", "WEBP"})
-#: Valid mask values: the train IDs 0..18 and the ignore ID 255.
-_MASK_OK = frozenset(range(NUM_CLASSES)) | {IGNORE_ID}
 
 
 @dataclass
@@ -85,79 +92,89 @@ class CheckReport:
 # --------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _strict_decoding() -> Iterator[None]:
-    """Make PIL raise on truncated files (a global switch: restored afterwards)."""
-    saved = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+def _decode(path: Path, limit: int) -> tuple[Image.Image | None, str | None]:
+    """Open and fully decode ``path``; returns (image, None) or (None, reason).
 
-
-def _decode(path: Path) -> tuple[Image.Image | None, str | None]:
-    """Open and fully decode ``path``; returns (image, None) or (None, reason)."""
+    The pixel limit and the pixel mode are checked from the header, before anything is decoded.
+    """
     try:
         if path.stat().st_size == 0:
             return None, "zero-byte file"
         with open(path, "rb") as f:  # our own handle: closing it keeps the decoded pixels
-            im = Image.open(f)
-            im.load()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit speaks
+                im = Image.open(f)
+                big = too_large(im.width, im.height, limit)
+                if big is not None:
+                    return None, big
+                why = unsupported_mode(im)
+                if why is not None:
+                    return None, why
+                im.load()
         return im, None
     except UnidentifiedImageError:
         return None, "not an image (PIL: cannot identify image file)"
     except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
         return None, f"unreadable: {e.strerror or e}"
+    except Image.DecompressionBombError as e:
+        return None, bomb_reason(e, limit)
     except OSError as e:
         if "truncated" in str(e).lower():
             return None, f"truncated ({e})"
         return None, f"decode error: {e}"
-    except Exception as e:  # PIL raises SyntaxError, ValueError, DecompressionBombError, ...
+    except Exception as e:  # PIL raises SyntaxError, ValueError, ...
         return None, f"decode error: {type(e).__name__}: {e}"
 
 
+#: Warnings for images that load correctly but are not stored as 8-bit RGB.
+_MODE_NOTES = {"I;16": "16-bit; scaled to 8-bit when loaded", "F": "32-bit float in [0, 1]; scaled to "
+               "8-bit when loaded"}
+
+
 def check_file(
-    root: str, image: str, mask: str | None = None, min_side: int = MIN_SIDE
+    root: str, image: str, mask: str | None = None, min_side: int = MIN_SIDE,
+    max_pixels: int | None = None,
 ) -> tuple[str, str]:
     """Check one image (and its mask), both given relative to ``root``.
+
+    Args:
+        max_pixels: the pixel limit (default :func:`oodfast.data.imageio.max_image_pixels`).
 
     Returns:
         ``(status, reason)`` with status ``"ok"``, ``"warn"`` (usable; reason says why it is odd)
         or ``"bad"`` (must be left out; reason says why).
     """
-    with _strict_decoding():
-        im, reason = _decode(Path(root, image))
+    limit = max_image_pixels() if max_pixels is None else max_pixels
+    with strict_decoding():
+        im, reason = _decode(Path(root, image), limit)
         if im is None:
             return "bad", reason or "decode error"
         if im.format not in DALI_FORMATS:
             return "bad", f"unsupported format {im.format} (DALI reads JPEG, PNG, BMP, TIFF, WebP)"
         if min(im.size) < min_side:
             return "bad", f"too small ({im.width}x{im.height}; each side needs >= {min_side} px)"
-        warning = None if im.mode == "RGB" else f"mode {im.mode} (not RGB; converted when loaded)"
+        if im.mode == "F":
+            why = float_problem(np.asarray(im, dtype=np.float32))
+            if why is not None:
+                return "bad", f"mode F: {why}"
+        mode = "I;16" if im.mode.startswith("I;16") else im.mode
+        warning = None if mode == "RGB" else (
+            f"mode {im.mode} ({_MODE_NOTES.get(mode, 'not RGB; converted when loaded')})")
         if mask is None:
             return ("warn", warning) if warning else ("ok", "")
 
-        mk, reason = _decode(Path(root, mask))
+        mk, reason = _decode(Path(root, mask), limit)
         if mk is None:
             return "bad", f"mask {mask}: {reason}"
-        if mk.mode not in ("L", "P"):
-            return "bad", f"mask {mask}: mode {mk.mode}, expected single-channel 8-bit (L or P)"
-        if mk.size != im.size:
-            return "bad", (f"mask {mask}: size {mk.width}x{mk.height} differs from the image's "
-                           f"{im.width}x{im.height}")
-        hist = mk.histogram()  # 256 counts of the stored 8-bit values (palette indices for P)
-        invalid = [v for v, n in enumerate(hist) if n and v not in _MASK_OK]
-        if invalid:
-            shown = ", ".join(map(str, invalid[:5])) + (", ..." if len(invalid) > 5 else "")
-            return "bad", (f"mask {mask}: values outside 0..{NUM_CLASSES - 1} and {IGNORE_ID}: "
-                           f"{shown}")
+        why = mask_header_problem(mk, im.size) or mask_values_problem(np.asarray(mk))
+        if why is not None:
+            return "bad", f"mask {mask}: {why}"
         return ("warn", warning) if warning else ("ok", "")
 
 
-def _check_chunk(args: tuple[str, list[tuple[str, str | None]], int]) -> list[tuple[str, str]]:
-    root, pairs, min_side = args
-    return [check_file(root, image, mask, min_side) for image, mask in pairs]
+def _check_chunk(args: tuple[str, list[tuple[str, str | None]], int, int]) -> list[tuple[str, str]]:
+    root, pairs, min_side, max_pixels = args
+    return [check_file(root, image, mask, min_side, max_pixels) for image, mask in pairs]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,6 +189,7 @@ def check_dataset(
     out: str | os.PathLike[str] | None = None,
     progress: bool = True,
     min_side: int = MIN_SIDE,
+    max_pixels: int | None = None,
 ) -> CheckReport:
     """Decode every image (and mask) of ``files`` once and write the clean file list.
 
@@ -181,6 +199,8 @@ def check_dataset(
         out: where to write the clean list; default :func:`default_file_list_path`.
         progress: show a tqdm progress bar.
         min_side: images with a shorter side are bad.
+        max_pixels: images with more pixels are bad (default
+            :func:`oodfast.data.imageio.max_image_pixels`: ``$OODFAST_MAX_IMAGE_PIXELS`` or 89.5 MP).
 
     Returns:
         A :class:`CheckReport`; ``bad`` files are absent from the list written to ``file_list``.
@@ -194,7 +214,8 @@ def check_dataset(
     pairs = list(zip(rels, masks))
     # Chunks amortise inter-process overhead yet stay small enough to balance and to move the bar.
     size = max(1, min(64, len(pairs) // (workers * 8) or 1))
-    chunks = [(root, pairs[i:i + size], min_side) for i in range(0, len(pairs), size)]
+    limit = max_image_pixels() if max_pixels is None else max_pixels
+    chunks = [(root, pairs[i:i + size], min_side, limit) for i in range(0, len(pairs), size)]
 
     results: list[tuple[str, str]] = []
     with tqdm(total=len(pairs), desc=f"check {files.kind}", unit="img", disable=not progress) as bar:
@@ -218,7 +239,8 @@ def check_dataset(
     clean = [rel for rel, (status, _) in zip(rels, results) if status != "bad"]
     path = Path(out) if out is not None else default_file_list_path(files.kind, files.root,
                                                                     files.split)
-    written = write_file_list(path, files.root, files.kind, files.split, clean)
+    written = write_file_list(path, files.root, files.kind, files.split, clean,
+                              excluded=[b.path for b in bad])
     return CheckReport(
         kind=files.kind, root=files.root, split=files.split, n_total=len(rels), n_ok=len(clean),
         bad=bad, warnings=warnings, seconds=time.perf_counter() - start, file_list=written,

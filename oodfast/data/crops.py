@@ -2,15 +2,23 @@
 
 A global crop is "rare" when the share of rare-class pixels inside its box reaches ``tau``. Shares,
 not pixel counts, make the rule independent of the source resolution and of the crop's resize.
+
+Masks follow the BDD10K label spec: one 8-bit channel (mode L, or P read as its indices) of train
+IDs 0..18, with 255 for ignored pixels, the size of the image. :func:`read_mask` refuses anything
+else with a one-line :class:`MaskError` that names the file (``oodfast data check`` leaves such
+images out of the clean file list, with the same reasons).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
+from PIL import Image
 
-from oodfast.data.classes import RARE_CLASS_IDS
+from oodfast.data.classes import IGNORE_ID, NUM_CLASSES, RARE_CLASS_IDS
+from oodfast.data.discover import DatasetError
 
 #: Default share of rare-class pixels that makes a crop rare: 0.1% of the crop, about a 7x7-pixel
 #: object in a 224x224 global crop. Smaller specks (a pedestrian 40 m away in a 1280x720 frame covers
@@ -100,3 +108,79 @@ def rare_shares(
     if np.any(areas <= 0):
         raise ValueError(f"boxes must have positive area, got {boxes[areas <= 0][:3].tolist()}")
     return box_sums(integral_image(rare), boxes) / areas
+
+
+# --------------------------------------------------------------------------------------------------
+# Masks
+# --------------------------------------------------------------------------------------------------
+
+#: True for the stored values a mask may not hold (anything but 0..18 and 255).
+_INVALID = np.ones(256, dtype=bool)
+_INVALID[:NUM_CLASSES] = False
+_INVALID[IGNORE_ID] = False
+_MASK_FIX = ("run `oodfast data check` on the dataset (it leaves out images whose mask is bad), or fix "
+             f"the mask: one 8-bit channel of BDD10K train IDs 0..{NUM_CLASSES - 1} and {IGNORE_ID} "
+             "(ignore), the size of its image")
+
+
+class MaskError(DatasetError):
+    """A segmentation mask that is unreadable or breaks the label spec; the message names the file."""
+
+
+def mask_header_problem(mask: Image.Image, image_size: tuple[int, int] | None) -> str | None:
+    """What is wrong with a mask before decoding it (mode, size), or None.
+
+    Args:
+        mask: the opened (not necessarily loaded) mask.
+        image_size: the image's (width, height), as PIL reports it, or None to skip the size check.
+    """
+    if mask.mode not in ("L", "P"):
+        return f"mode {mask.mode}, expected single-channel 8-bit (L or P)"
+    if image_size is not None and mask.size != tuple(image_size):
+        return (f"size {mask.width}x{mask.height} differs from the image's "
+                f"{image_size[0]}x{image_size[1]}")
+    return None
+
+
+def mask_values_problem(values: np.ndarray) -> str | None:
+    """What is wrong with a decoded mask's values (uint8 [H, W]), or None: only 0..18 and 255 are valid."""
+    present = np.bincount(values.ravel(), minlength=256).astype(bool)
+    invalid = np.flatnonzero(present & _INVALID)
+    if invalid.size == 0:
+        return None
+    shown = ", ".join(map(str, invalid[:5].tolist())) + (", ..." if invalid.size > 5 else "")
+    return f"values outside 0..{NUM_CLASSES - 1} and {IGNORE_ID}: {shown}"
+
+
+def read_mask(path: str | os.PathLike[str], image: str | os.PathLike[str] | None = None, *,
+              image_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read and validate a train-ID mask: uint8 [H, W] (P masks give their palette indices).
+
+    Args:
+        path: the mask file.
+        image: its image file; the mask must have the image's size (read from the image's header,
+            nothing is decoded). Or give ``image_size`` (width, height) directly.
+
+    Raises:
+        MaskError: unreadable, truncated or undecodable; not single-channel 8-bit; not the image's
+            size; values other than 0..18 and 255. One line, naming the mask file.
+    """
+    from oodfast.data.imageio import ImageFileError, open_image, strict_decoding
+
+    if image is not None and image_size is None:
+        try:
+            with open_image(image) as im:
+                image_size = im.size
+        except ImageFileError as e:
+            raise MaskError(f"mask {path}: its image cannot be read ({e}); {_MASK_FIX}") from None
+    try:
+        with strict_decoding(), open(path, "rb") as f, Image.open(f) as mk:
+            why = mask_header_problem(mk, image_size)
+            values = None if why is not None else np.asarray(mk)
+    except (OSError, ValueError, SyntaxError) as e:  # includes PIL's UnidentifiedImageError
+        raise MaskError(f"mask {path}: cannot decode it ({type(e).__name__}: {e}); {_MASK_FIX}") from None
+    if values is not None:
+        why = mask_values_problem(values)
+    if why is not None:
+        raise MaskError(f"mask {path}: {why}; {_MASK_FIX}")
+    return values

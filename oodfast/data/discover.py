@@ -24,8 +24,10 @@ explicitly. This module never downloads, modifies or deletes anything in a datas
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,7 +46,10 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png"})
 #: Image suffixes accepted inside the BDD split folders (the archives hold JPEGs only).
 JPEG_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg"})
 
+#: The first line of a v1 (plain text) clean file list; still read, no longer written.
 FILE_LIST_MAGIC = "# oodfast clean file list v1"
+#: The format :func:`write_file_list` writes (JSON lines).
+FILE_LIST_VERSION = 2
 
 _SHOW = 5  # how many unmatched names an error message lists
 
@@ -105,70 +110,147 @@ def default_file_list_path(kind: str, root: str | os.PathLike[str], split: str |
     return cache_dir() / "filelists" / f"{kind}-{digest}-{split or 'all'}.txt"
 
 
+@dataclass(frozen=True)
+class FileList:
+    """A clean file list as read from disk.
+
+    Attributes:
+        root, kind, split: the dataset it was written for (``split`` None for a folder dataset).
+        paths: the clean files, posix paths relative to ``root``.
+        excluded: the files the check left out (bad), or None for a v1 list, which did not record them.
+        version: 2 (JSON lines) or 1 (the old text format, still read).
+    """
+
+    root: Path
+    kind: str
+    split: str | None
+    paths: list[str]
+    excluded: list[str] | None
+    version: int
+
+
 def write_file_list(
     path: str | os.PathLike[str],
     root: str | os.PathLike[str],
     kind: str,
     split: str | None,
     relative_paths: Iterable[str],
+    *,
+    excluded: Iterable[str] = (),
 ) -> Path:
     """Write a clean file list atomically (temp file in the same folder, then ``os.replace``).
 
-    Format: header lines ``# oodfast clean file list v1``, ``# root: <absolute path>``,
-    ``# kind: <kind>``, ``# split: <split or ->``, ``# count: <N>``, then one posix path relative
-    to the root per line. Returns the path written.
+    Format (v2, JSON lines, so any file name fits: ``#``, line and paragraph separators, newlines,
+    non-UTF-8 bytes): a header object ``{"oodfast_file_list": 2, "root": ..., "kind": ...,
+    "split": ... or null, "count": N, "excluded": [...]}``, then one JSON string per line, each a
+    posix path relative to the root. ``excluded`` are the files the check left out, so that files
+    added later can be told apart from known-bad ones. JSON escapes every control character and
+    ``ensure_ascii`` every non-ASCII one, so the only line breaks in the file are the record ends.
+    Returns the path written.
     """
     path = Path(path).expanduser()
     rels = list(relative_paths)
-    bad = [r for r in rels if "\n" in r or "\r" in r]
-    if bad:
-        raise ValueError(f"file names with line breaks cannot go in a file list: {bad[:_SHOW]}")
-    header = [
-        FILE_LIST_MAGIC,
-        f"# root: {Path(root).expanduser().resolve()}",
-        f"# kind: {kind}",
-        f"# split: {split if split is not None else '-'}",
-        f"# count: {len(rels)}",
-    ]
-    return atomic_write_text(path, "\n".join(header + rels) + "\n")
+    header = {"oodfast_file_list": FILE_LIST_VERSION, "root": str(Path(root).expanduser().resolve()),
+              "kind": kind, "split": split, "count": len(rels), "excluded": list(excluded)}
+    lines = [json.dumps(header)] + [json.dumps(r) for r in rels]
+    return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def read_file_list(path: str | os.PathLike[str]) -> tuple[Path, str, str | None, list[str]]:
-    """Read a clean file list written by :func:`write_file_list`.
+    """Read a clean file list written by :func:`write_file_list` (v2, or the older v1 text format).
 
     Returns:
-        ``(root, kind, split, relative_paths)``; ``split`` is None for a folder dataset.
+        ``(root, kind, split, relative_paths)``; ``split`` is None for a folder dataset. See
+        :func:`read_file_list_full` for the excluded files and the format version.
 
     Raises:
         DatasetError: the file is missing, is not a clean file list, or is incomplete.
     """
+    full = read_file_list_full(path)
+    return full.root, full.kind, full.split, full.paths
+
+
+def read_file_list_full(path: str | os.PathLike[str]) -> FileList:
+    """Read a clean file list (see :func:`read_file_list`) into a :class:`FileList`."""
     path = Path(path).expanduser()
     redo = "re-run `oodfast data check` to write it again"
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # Records end at "\n" only: str.splitlines() would also split at U+2028, U+0085, \x1c...,
+        # which are valid in file names (and in v1 lists, which stored names as they are).
+        text = path.read_bytes().decode("utf-8", errors="surrogateescape")
     except FileNotFoundError:
         raise DatasetError(f"file list {path} does not exist; {redo}, or drop the option") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise DatasetError(f"cannot read file list {path}: {e}; {redo}") from None
-    if not lines or lines[0].strip() != FILE_LIST_MAGIC:
-        raise DatasetError(f"{path} is not an oodfast clean file list (first line must be "
-                           f"{FILE_LIST_MAGIC!r}); {redo}")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    first = lines[0] if lines else ""
+    if first.strip() == FILE_LIST_MAGIC:
+        return _read_v1(path, lines, redo)
+    try:
+        header = json.loads(first) if first.startswith("{") else None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or "oodfast_file_list" not in header:
+        raise DatasetError(f"{path} is not an oodfast clean file list (its first line must be a JSON "
+                           f"header with \"oodfast_file_list\", or {FILE_LIST_MAGIC!r}); {redo}")
+    if header["oodfast_file_list"] != FILE_LIST_VERSION:
+        raise DatasetError(f"file list {path} has format version {header['oodfast_file_list']!r}, this "
+                           f"oodfast reads {FILE_LIST_VERSION} (and 1); {redo}")
+    missing = [k for k in ("root", "kind", "split", "count") if k not in header]
+    if missing:
+        raise DatasetError(f"file list {path} lacks header field(s) {missing}; {redo}")
+    try:
+        rels = [json.loads(line) for line in lines[1:]]
+    except ValueError as e:
+        raise DatasetError(f"file list {path} is damaged ({e}); {redo}") from None
+    excluded = header.get("excluded", [])
+    if (not all(isinstance(r, str) for r in rels) or not isinstance(excluded, list)
+            or not all(isinstance(r, str) for r in excluded)):
+        raise DatasetError(f"file list {path} is damaged (a record is not a file name); {redo}")
+    if header["count"] != len(rels):
+        raise DatasetError(f"file list {path} is incomplete: header says {header['count']} files, "
+                           f"it holds {len(rels)}; {redo}")
+    return FileList(Path(header["root"]), header["kind"], header["split"], rels, excluded, 2)
+
+
+def _read_v1(path: Path, lines: list[str], redo: str) -> FileList:
+    """The v1 text format: 5 header lines (magic, root, kind, split, count), then one name a line.
+
+    The header is exactly those 5 lines (the v1 reader took any ``#`` line for a header, so an image
+    named ``#1.jpg`` made every list "incomplete"); every line after them is a file name.
+    """
     fields: dict[str, str] = {}
-    rels: list[str] = []
-    for line in lines[1:]:
-        if line.startswith("#"):
-            key, _, value = line[1:].partition(":")
+    for line in lines[1:5]:
+        key, sep, value = line[1:].partition(":")
+        if line.startswith("#") and sep:
             fields[key.strip()] = value.strip()
-        elif line.strip():
-            rels.append(line)
     missing = [k for k in ("root", "kind", "split", "count") if k not in fields]
     if missing:
         raise DatasetError(f"file list {path} lacks header field(s) {missing}; {redo}")
+    rels = [line for line in lines[5:] if line.strip()]
     if not fields["count"].isdigit() or int(fields["count"]) != len(rels):
         raise DatasetError(f"file list {path} is incomplete: header says {fields['count']} files, "
                            f"it holds {len(rels)}; {redo}")
     split = None if fields["split"] == "-" else fields["split"]
-    return Path(fields["root"]), fields["kind"], split, rels
+    return FileList(Path(fields["root"]), fields["kind"], split, rels, None, 1)
+
+
+def check_command(files: DatasetFiles, out: str | os.PathLike[str] | None = None) -> str:
+    """The exact ``oodfast data check`` command that (re)writes the clean file list of ``files``.
+
+    ``out``: the list's path when it is not the default one (then ``--out`` is added).
+    """
+    # synthetic: --data-root is the folder the dataset is generated into (the root's parent).
+    root = files.root.parent if files.kind == "synthetic" else files.root
+    parts = ["oodfast", "data", "check", "--data", files.kind, "--data-root", shlex.quote(str(root))]
+    if files.split is not None and files.kind != "folder":
+        parts += ["--split", files.split]
+    if out is not None and Path(out).expanduser().resolve() != default_file_list_path(
+            files.kind, files.root, files.split).resolve():
+        parts += ["--out", shlex.quote(str(out))]
+    return " ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,11 +307,7 @@ def discover(
     if use_default_list:
         default = default_file_list_path(files.kind, files.root, files.split)
         if default.is_file():
-            kept = apply_file_list(files, default)
-            log.info("clean file list %s excludes %d of %d %s files (re-run `oodfast data check` "
-                     "after changing the dataset)", default, len(files) - len(kept), len(files),
-                     files.kind)
-            return kept
+            return apply_file_list(files, default)
     return files
 
 
@@ -251,34 +329,60 @@ def synthetic_dataset(
 def apply_file_list(files: DatasetFiles, file_list: str | os.PathLike[str]) -> DatasetFiles:
     """Restrict ``files`` to the files named in a clean file list, keeping masks aligned.
 
+    Files of the dataset that the list neither holds nor excludes (added after the check) are left
+    out with a warning (``logging.warning``) that gives the command refreshing the list; files the
+    check left out as bad are reported at INFO level.
+
     Raises:
         DatasetError: the list was written for another root, kind or split, or names files that
             are not part of ``files`` (missing on disk, or in another split).
     """
-    list_root, list_kind, list_split, rels = read_file_list(file_list)
-    redo = (f"re-run `oodfast data check --data {files.kind} --data-root {files.root}"
-            + (f" --split {files.split}`" if files.split else "`"))
-    if list_root.expanduser().resolve() != files.root:
-        raise DatasetError(f"file list {file_list} was written for root {list_root}, not for "
+    listed = read_file_list_full(file_list)
+    redo = f"re-run `{check_command(files, file_list)}`"
+    if listed.root.expanduser().resolve() != files.root:
+        raise DatasetError(f"file list {file_list} was written for root {listed.root}, not for "
                            f"{files.root}; pass the list made for this dataset or {redo}")
-    if (list_kind, list_split) != (files.kind, files.split):
-        raise DatasetError(f"file list {file_list} is for {list_kind} split {list_split}, not "
+    if (listed.kind, listed.split) != (files.kind, files.split):
+        raise DatasetError(f"file list {file_list} is for {listed.kind} split {listed.split}, not "
                            f"{files.kind} split {files.split}; pass the matching list or {redo}")
-    index = {rel: i for i, rel in enumerate(files.relative())}
-    unknown = [r for r in rels if r not in index]
+    rels = files.relative()
+    index = {rel: i for i, rel in enumerate(rels)}
+    unknown = [r for r in listed.paths if r not in index]
     if unknown:
         gone = [r for r in unknown if not (files.root / r).exists()]
         what = (f"{len(gone)} listed file(s) do not exist under {files.root} (first: "
-                f"{', '.join(gone[:_SHOW])})" if gone else
+                f"{_names(gone)})" if gone else
                 f"{len(unknown)} listed file(s) are not images of this split (first: "
-                f"{', '.join(unknown[:_SHOW])})")
+                f"{_names(unknown)})")
         raise DatasetError(f"file list {file_list}: {what}; {redo}")
-    keep = sorted({index[r] for r in rels})
-    return replace(
+    keep = sorted({index[r] for r in listed.paths})
+    kept = replace(
         files,
         images=tuple(files.images[i] for i in keep),
         masks=None if files.masks is None else tuple(files.masks[i] for i in keep),
     )
+    in_list = set(listed.paths)
+    left_out = [r for r in rels if r not in in_list]
+    known_bad = set(listed.excluded or ())
+    new = [r for r in left_out if r not in known_bad]
+    if listed.version == 1 and left_out:
+        log.warning("clean file list %s leaves out %d of %d %s files, bad when it was checked or added "
+                    "since (its old v1 format does not record which); to check new files and refresh "
+                    "the list, run: %s", file_list, len(left_out), len(files), files.kind,
+                    check_command(files, file_list))
+    elif new:
+        log.warning("%d image(s) under %s were added after the clean file list %s was written and are "
+                    "NOT used (first: %s); to check them and refresh the list, run: %s", len(new),
+                    files.root, file_list, _names(new), check_command(files, file_list))
+    if left_out and len(left_out) > len(new):
+        log.info("clean file list %s excludes %d of %d %s files that `oodfast data check` found bad",
+                 file_list, len(left_out) - len(new), len(files), files.kind)
+    return kept
+
+
+def _names(rels: Sequence[str]) -> str:
+    """The first few names, each repr()'d when it holds characters that would garble a one-line message."""
+    return ", ".join(r if r.isprintable() else repr(r) for r in rels[:_SHOW])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -41,7 +41,6 @@ clamped centre crop), which is how the loader knows each box in source pixels.
 from __future__ import annotations
 
 import collections
-import io
 import logging
 import math
 import os
@@ -56,7 +55,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from oodfast.data.discover import DatasetError, DatasetFiles
+from oodfast.data.discover import DatasetFiles
+from oodfast.data.imageio import ImageFileError
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _CHECK = "run `oodfast data check` on the dataset to write a clean file list that leaves it out"
 
 
-class MultiCropDataError(DatasetError):
+class MultiCropDataError(ImageFileError):
     """An image the augmentation cannot read or decode; the message names the file."""
 
 
@@ -385,14 +385,18 @@ def read_file_bytes(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def image_size(path: Path, data: bytes | np.ndarray) -> tuple[int, int]:
-    """(height, width) from the encoded header, without decoding; raises naming the file."""
-    from PIL import Image, UnidentifiedImageError
+    """(height, width) from the encoded header, without decoding; raises naming the file.
+
+    Also refuses, from the header alone, an image over the pixel limit and a pixel mode with no
+    8-bit RGB value (:func:`oodfast.data.imageio.open_image`).
+    """
+    from oodfast.data.imageio import ImageFileError, open_image
 
     try:
-        with Image.open(io.BytesIO(memoryview(data))) as im:
+        with open_image(data, path) as im:
             w, h = im.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise MultiCropDataError(f"cannot read the image header of {path}: {e}; {_CHECK}") from None
+    except ImageFileError as e:
+        raise MultiCropDataError(f"{e}; {_CHECK}") from None
     return h, w
 
 

@@ -44,6 +44,7 @@ from oodfast.data.multicrop import (
     epoch_plan,
     steps_per_epoch,
 )
+from oodfast.data.imageio import ImageFileError, load_rgb8
 
 
 class PILGaussianBlur:
@@ -122,12 +123,30 @@ class _Images(Dataset):
     def __getitem__(self, i: int) -> tuple[list[torch.Tensor], int, torch.Tensor]:
         path = self.files[i]
         try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")  # as the seed: Image.open(path).convert("RGB")
-        except (OSError, ValueError, SyntaxError) as e:
-            raise MultiCropDataError(f"PIL cannot decode {path}: {e}; {_CHECK}") from None
-        views, boxes = self.transform(image)
+            # The seed's Image.open(path).convert("RGB"), except that 16-bit and float images are
+            # scaled to 8 bits (convert clips them to white) and the pixel limit applies.
+            image = load_rgb8(path)
+        except ImageFileError as e:
+            raise MultiCropDataError(f"{e}; {_CHECK}") from None
+        try:
+            views, boxes = self.transform(image)
+        except Exception as e:  # noqa: BLE001 - name the file; in a worker, the type is all that travels
+            raise MultiCropDataError(f"the reference augmentation failed on {path}: {type(e).__name__}: "
+                                     f"{e}") from None
         return views, i, boxes
+
+
+def _worker_error(error: BaseException) -> MultiCropDataError:
+    """The original one-line message of a :class:`MultiCropDataError` re-raised from a DataLoader worker.
+
+    torch re-raises a worker's exception as ``type(msg)`` with ``msg`` = "Caught ... in DataLoader
+    worker process N" plus the worker's whole traceback, whose last line is the original
+    ``...MultiCropDataError: <message>``.
+    """
+    text = str(error)
+    marker = "MultiCropDataError: "
+    at = text.rfind(marker)
+    return MultiCropDataError(text[at + len(marker):].rstrip() if at >= 0 and "DataLoader worker" in text else text)
 
 
 class _PlanSampler(Sampler[list[int]]):
@@ -178,7 +197,14 @@ class ReferenceMultiCropLoader:
         loader = DataLoader(self.dataset, batch_sampler=_PlanSampler(self), num_workers=self.num_workers,
                             pin_memory=self.device.type == "cuda", generator=gen,
                             persistent_workers=False)
-        for views, index, boxes in loader:
+        batches = iter(loader)
+        while True:
+            try:
+                views, index, boxes = next(batches)
+            except StopIteration:
+                break
+            except MultiCropDataError as e:  # from a worker: its message, not the worker's traceback
+                raise _worker_error(e) from None
             yield MultiCropBatch(
                 views=[v.to(self.device, self.dtype, non_blocking=True) for v in views],
                 index=index.to(torch.int64), boxes=boxes)

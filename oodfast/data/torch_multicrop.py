@@ -43,6 +43,7 @@ from oodfast.data.multicrop import (
     sample_view_params,
     steps_per_epoch,
 )
+from oodfast.data.imageio import ImageFileError, open_image, to_rgb8, uint16_to_uint8
 
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -141,6 +142,28 @@ def augment_view(images: Sequence[torch.Tensor], p: torch.Tensor, size: tuple[in
     return (x - mean) / std
 
 
+def _decode_one(data: torch.Tensor, path: Path) -> torch.Tensor:
+    """One encoded image -> uint8 [3, H, W] on the CPU, with DALI's values for every mode.
+
+    torchvision decodes JPEG, PNG and WebP; it returns 16-bit PNGs as uint16, scaled here as DALI
+    scales them. Formats it cannot read (BMP, TIFF, which DALI and ``data check`` accept) and the
+    float and palette modes go through PIL with :func:`oodfast.data.imageio.to_rgb8`.
+    """
+    try:
+        image = decode_image(data, mode=ImageReadMode.RGB)
+    except RuntimeError:
+        image = None
+    if image is not None and image.dtype == torch.uint16:
+        return uint16_to_uint8(image)
+    if image is not None and image.dtype == torch.uint8:
+        return image
+    try:
+        rgb = to_rgb8(open_image(data.numpy(), path), path)
+    except ImageFileError as e:
+        raise MultiCropDataError(f"{e}; {_CHECK}") from None
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+
+
 class TorchMultiCropLoader:
     """Multi-crop with torchvision.io decode and batched tensor ops (see the module doc)."""
 
@@ -164,22 +187,14 @@ class TorchMultiCropLoader:
         for k, i in enumerate(idx):
             path = self.files[i]
             data = read_file_bytes(path)
-            hw[k] = image_size(path, data)
+            hw[k] = image_size(path, data)  # also refuses oversized images and modes with no 8-bit RGB
             raw.append(torch.from_numpy(data))
-        images: list[torch.Tensor] = []
-        try:
-            if self.device.type == "cuda" and all(bytes(r[:2].tolist()) == b"\xff\xd8" for r in raw):
-                images = decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)
-            else:
-                images = [decode_image(r, mode=ImageReadMode.RGB).to(self.device) for r in raw]
-        except RuntimeError as e:
-            for r, i in zip(raw, idx):  # find the file: decode one by one on the CPU
-                try:
-                    decode_image(r, mode=ImageReadMode.RGB)
-                except RuntimeError:
-                    raise MultiCropDataError(f"torchvision cannot decode {self.files[i]}: {e}; {_CHECK}") from None
-            raise
-        return images, hw
+        if self.device.type == "cuda" and all(bytes(r[:2].tolist()) == b"\xff\xd8" for r in raw):
+            try:
+                return decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device), hw
+            except RuntimeError:
+                pass  # find the file, or decode the odd one (e.g. CMYK) on the CPU, below
+        return [_decode_one(r, self.files[i]).to(self.device) for r, i in zip(raw, idx)], hw
 
     def __iter__(self) -> Iterator[MultiCropBatch]:
         epoch = self.epoch

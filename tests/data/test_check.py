@@ -186,3 +186,45 @@ def test_report_to_dict_is_json(planted: Path) -> None:
     assert d["n_total"] == report.n_total and d["n_ok"] == 4
     assert {"path": (IMAGES / "zero.jpg").as_posix(), "reason": "zero-byte file"} in d["bad"]
     assert isinstance(report, CheckReport) and d["seconds"] >= 0
+
+
+#: '#' first (v1 read it as a header), the separators str.splitlines() splits at, a newline, a
+#: carriage return, spaces and non-ASCII: names the check once crashed on or lists could not hold.
+AWKWARD = ["#1.jpg", "a\u2028b.jpg", "c\u2029d.jpg", "e\x85f.jpg", "line\nbreak.jpg", "cr\rlf.jpg",
+           "  spaced out .jpg", "ünï 画像.jpg"]
+
+
+def test_check_and_training_take_any_file_name(tmp_path: Path) -> None:
+    root = tmp_path / "pics"
+    root.mkdir()
+    for name in AWKWARD:
+        (root / name).write_bytes(jpeg_bytes())
+    (root / "#bad.jpg").write_bytes(b"")
+    report = check_dataset(discover("folder", root), workers=2, progress=False)
+    assert [b.path for b in report.bad] == ["#bad.jpg"] and report.n_ok == len(AWKWARD)
+    assert sorted(read_file_list(report.file_list)[3]) == sorted(AWKWARD)
+    # discover applies the list (the '#' names are files, not headers) and every name is found.
+    assert sorted(discover("folder", root).relative()) == sorted(AWKWARD)
+    # Re-running the check is stable.
+    again = check_dataset(discover("folder", root, use_default_list=False), workers=1, progress=False)
+    assert read_file_list(again.file_list) == read_file_list(report.file_list)
+
+
+def test_images_added_after_the_check_warn_with_the_refresh_command(
+        planted: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    check_dataset(discover("bdd10k", planted, "train"), workers=1, progress=False)
+    with caplog.at_level(logging.INFO, logger="oodfast.data.discover"):
+        assert len(discover("bdd10k", planted, "train")) == 4
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # only the known-bad are left out
+    add_pair(planted, "later")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="oodfast.data.discover"):
+        assert len(discover("bdd10k", planted, "train")) == 4  # still the checked files only
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "1 image(s) under" in warning and "images/10k/train/later.jpg" in warning
+    command = f"oodfast data check --data bdd10k --data-root {planted.resolve()} --split train"
+    assert warning.endswith(f"to check them and refresh the list, run: {command}")
+    check_dataset(discover("bdd10k", planted, "train", use_default_list=False), workers=1, progress=False)
+    assert len(discover("bdd10k", planted, "train")) == 5  # the command's effect

@@ -60,3 +60,78 @@ def test_fallback_is_centred_with_clamped_ratio() -> None:
     assert (h == 100).all() and (w == round(100 * 4 / 3)).all()
     assert (boxes[:, 0] == (400 - w) // 2).all()
     assert math.isclose(float(w[0] / h[0]), 4 / 3, rel_tol=0.01)
+
+
+# --------------------------------------------------------------------------------------------------
+# Masks (``--replay oracle`` reads one per image per step)
+# --------------------------------------------------------------------------------------------------
+
+MASK_SIZE = (64, 48)
+
+
+def _pair(tmp_path, values=(0, 11, 18, 255), size=MASK_SIZE, mode="L"):
+    from PIL import Image
+
+    image = tmp_path / "frame.jpg"
+    Image.new("RGB", MASK_SIZE, (9, 9, 9)).save(image)
+    arr = np.zeros(size[::-1], np.uint8)
+    for i, v in enumerate(values):
+        arr[:, i::len(values)] = v
+    mask = tmp_path / "frame.png"
+    Image.fromarray(arr, "L").convert(mode).save(mask, compress_level=0)
+    return image, mask, arr
+
+
+def test_read_mask_returns_the_train_ids(tmp_path) -> None:
+    from oodfast.data.crops import read_mask
+
+    image, mask, arr = _pair(tmp_path)
+    got = read_mask(mask, image)
+    assert got.dtype == np.uint8 and got.shape == (48, 64) and np.array_equal(got, arr)
+    assert np.array_equal(read_mask(mask, image_size=MASK_SIZE), arr)
+    assert np.array_equal(read_mask(mask), arr)  # no size check asked for
+
+
+@pytest.mark.parametrize("value", [19, 77, 254])
+def test_read_mask_refuses_values_outside_the_label_spec(tmp_path, value: int) -> None:
+    """BDD10K train IDs are 0..18 and 255 (ignore): anything else is an error, not "not rare"."""
+    from oodfast.data.crops import MaskError, read_mask
+
+    image, mask, _ = _pair(tmp_path, values=(0, value, 255))
+    with pytest.raises(MaskError, match=rf"^mask {mask}: values outside 0\.\.18 and 255: {value}; run `oodfast data check`"):
+        read_mask(mask, image)
+
+
+def test_read_mask_refuses_a_mask_of_another_size(tmp_path) -> None:
+    from oodfast.data.crops import MaskError, rare_shares, read_mask
+
+    image, mask, arr = _pair(tmp_path, size=(32, 48))
+    with pytest.raises(IndexError):  # what the oracle did before: a box past the mask's edge
+        rare_shares(arr, np.array([[40, 0, 64, 48]]))
+    with pytest.raises(MaskError, match=rf"^mask {mask}: size 32x48 differs from the image's 64x48; "):
+        read_mask(mask, image)
+
+
+def test_read_mask_names_a_truncated_or_wrong_mode_mask(tmp_path, monkeypatch) -> None:
+    from PIL import ImageFile
+
+    from oodfast.data.crops import MaskError, read_mask
+
+    image, mask, _ = _pair(tmp_path, values=tuple(range(19)))
+    data = mask.read_bytes()
+    mask.write_bytes(data[: len(data) // 2])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # a caller's lenient setting does not hide it
+    with pytest.raises(MaskError) as e:
+        read_mask(mask, image)
+    msg = str(e.value)
+    assert msg.startswith(f"mask {mask}: cannot decode it (OSError: ") and "truncated" in msg and "\n" not in msg
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+    image, mask, _ = _pair(tmp_path, mode="RGB")
+    with pytest.raises(MaskError, match=r"mode RGB, expected single-channel 8-bit \(L or P\)"):
+        read_mask(mask, image)
+    mask.write_bytes(b"")
+    with pytest.raises(MaskError, match=rf"^mask {mask}: cannot decode it \(UnidentifiedImageError"):
+        read_mask(mask, image)
+    (tmp_path / "frame.jpg").unlink()
+    with pytest.raises(MaskError, match=r"its image cannot be read .*frame\.jpg"):
+        read_mask(mask, tmp_path / "frame.jpg")

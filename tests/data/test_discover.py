@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from oodfast.data.discover import (
     default_file_list_path,
     discover,
     read_file_list,
+    read_file_list_full,
     write_file_list,
 )
 
@@ -275,13 +279,56 @@ def test_default_file_list_path_is_per_dataset(tmp_path: Path) -> None:
 def test_file_list_round_trip(tmp_path: Path, split: str | None) -> None:
     rels = ["images/a b.jpg", "x/ünï.jpg", "z.png"]
     out = tmp_path / "lists" / "clean.txt"
-    assert write_file_list(out, tmp_path, "folder", split, rels) == out
-    text = out.read_text().splitlines()
-    assert text[:5] == ["# oodfast clean file list v1", f"# root: {tmp_path.resolve()}",
-                        "# kind: folder", f"# split: {split or '-'}", "# count: 3"]
-    assert text[5:] == rels
+    assert write_file_list(out, tmp_path, "folder", split, rels, excluded=["bad.jpg"]) == out
+    lines = out.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) == 1 + 3 + 1
+    assert json.loads(lines[0]) == {"oodfast_file_list": 2, "root": str(tmp_path.resolve()), "kind": "folder",
+                                    "split": split, "count": 3, "excluded": ["bad.jpg"]}
+    assert [json.loads(line) for line in lines[1:-1]] == rels
     assert read_file_list(out) == (tmp_path.resolve(), "folder", split, rels)
+    full = read_file_list_full(out)
+    assert (full.excluded, full.version) == (["bad.jpg"], 2)
     assert [p.name for p in out.parent.iterdir()] == ["clean.txt"]  # no temp file left behind
+
+
+#: Names a file list must hold: a leading '#' (read as a header by v1), the line and paragraph
+#: separators and other characters str.splitlines() splits at, a newline, a carriage return,
+#: spaces, non-ASCII, a quote and a backslash, and a byte that is not UTF-8 (a surrogate escape).
+AWKWARD = ["#1.jpg", "# count: 9.jpg", "a\u2028b.jpg", "c\u2029d.jpg", "e\x85f.jpg", "g\x1ch.jpg",
+           "line\nbreak.jpg", "cr\rlf.jpg", "  two  spaces .jpg", "ünï cødé 画像.jpg", 'q"uote\\.jpg',
+           "bad\udcffbyte.jpg"]
+
+
+def test_file_list_holds_any_file_name(tmp_path: Path) -> None:
+    out = write_file_list(tmp_path / "l.txt", tmp_path, "folder", None, AWKWARD)
+    assert read_file_list(out)[3] == AWKWARD
+    assert out.read_bytes().isascii() and out.read_bytes().count(b"\n") == 1 + len(AWKWARD)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs a file system that takes any byte in a name")
+def test_folder_of_awkward_names_round_trips_through_the_default_list(tmp_path: Path) -> None:
+    root = tmp_path / "pics"
+    for name in AWKWARD:
+        jpeg(Path(os.fsdecode(os.path.join(os.fsencode(root), os.fsencode(name)))))
+    everything = discover("folder", root)
+    assert sorted(everything.relative()) == sorted(AWKWARD)
+    write_file_list(default_file_list_path("folder", root, None), root, "folder", None, everything.relative())
+    assert discover("folder", root).relative() == everything.relative()
+
+
+def test_v1_lists_are_still_read_and_a_hash_name_no_longer_blocks(tmp_path: Path) -> None:
+    """A v1 list (the old text format) holding ``#1.jpg`` and a U+2028 name: the v1 reader called it
+    incomplete forever (the '#' line was taken for a header, splitlines() split the other)."""
+    root = tmp_path / "pics"
+    for name in ("#1.jpg", "a\u2028b.jpg", "plain.jpg"):
+        jpeg(root / name)
+    v1 = default_file_list_path("folder", root, None)
+    v1.parent.mkdir(parents=True)
+    v1.write_text("\n".join(["# oodfast clean file list v1", f"# root: {root.resolve()}", "# kind: folder",
+                             "# split: -", "# count: 2", "#1.jpg", "a\u2028b.jpg"]) + "\n", encoding="utf-8")
+    assert read_file_list(v1) == (root.resolve(), "folder", None, ["#1.jpg", "a\u2028b.jpg"])
+    assert read_file_list_full(v1).version == 1
+    assert discover("folder", root).relative() == ["#1.jpg", "a\u2028b.jpg"]
 
 
 def test_read_file_list_rejects_bad_lists(tmp_path: Path) -> None:
@@ -292,9 +339,17 @@ def test_read_file_list_rejects_bad_lists(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="is not an oodfast clean file list"):
         read_file_list(other)
     cut = write_file_list(tmp_path / "cut.txt", tmp_path, "folder", None, ["a.jpg", "b.jpg"])
-    cut.write_text(cut.read_text().replace("b.jpg\n", ""))
+    cut.write_text(cut.read_text().replace('"b.jpg"\n', ""))
     with pytest.raises(DatasetError, match="incomplete: header says 2 files, it holds 1"):
         read_file_list(cut)
+    damaged = write_file_list(tmp_path / "d.txt", tmp_path, "folder", None, ["a.jpg"])
+    damaged.write_text(damaged.read_text().replace('"a.jpg"', '"a.jpg'))
+    with pytest.raises(DatasetError, match="d.txt is damaged"):
+        read_file_list(damaged)
+    future = tmp_path / "f.txt"
+    future.write_text('{"oodfast_file_list": 3}\n')
+    with pytest.raises(DatasetError, match="format version 3"):
+        read_file_list(future)
 
 
 def test_explicit_file_list_selects_files_and_keeps_masks_aligned(tmp_path: Path) -> None:
@@ -333,12 +388,51 @@ def test_default_file_list_is_applied(tmp_path: Path, caplog: pytest.LogCaptureF
     root = make_bdd100k(tmp_path, {"train": ["a", "b", "c", "d"], "val": ["v", "w"]})
     default = default_file_list_path("bdd100k", root, "train")
     write_file_list(default, root, "bdd100k", "train",
-                    ["images/100k/train/a.jpg", "images/100k/train/c.jpg"])
+                    ["images/100k/train/a.jpg", "images/100k/train/c.jpg"],
+                    excluded=["images/100k/train/b.jpg", "images/100k/train/d.jpg"])
     with caplog.at_level(logging.INFO, logger="oodfast.data.discover"):
         files = discover("bdd100k", tmp_path, "train")  # any root level finds the same list
     assert files.relative() == ["images/100k/train/a.jpg", "images/100k/train/c.jpg"]
     assert "excludes 2 of 4" in caplog.text and str(default) in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # known-bad files: no warning
     # `data check` needs every file: it opts out of the default list.
     assert len(discover("bdd100k", root, "train", use_default_list=False)) == 4
     # Lists are per split: val is untouched.
     assert len(discover("bdd100k", root, "val")) == 2
+
+
+def test_images_added_after_the_check_are_a_warning_with_the_command(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = make_bdd10k(tmp_path / "my data", stems=("a", "b"))
+    write_file_list(default_file_list_path("bdd10k", root, "train"), root, "bdd10k", "train",
+                    ["images/10k/train/a.jpg"], excluded=["images/10k/train/b.jpg"])
+    for stem in ("new1", "new2"):
+        jpeg(root / "images" / "10k" / "train" / f"{stem}.jpg")
+        png_mask(root / "labels" / "sem_seg" / "masks" / "train" / f"{stem}.png")
+    with caplog.at_level(logging.INFO, logger="oodfast.data.discover"):
+        files = discover("bdd10k", root, "train")
+    assert files.relative() == ["images/10k/train/a.jpg"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, caplog.text
+    command = f"oodfast data check --data bdd10k --data-root '{root.resolve()}' --split train"
+    assert warnings[0].startswith("2 image(s) under ") and "NOT used" in warnings[0]
+    assert "new1.jpg" in warnings[0] and warnings[0].endswith(f"run: {command}")
+    # An explicit list that is not the default one: the command writes to it.
+    explicit = write_file_list(tmp_path / "mine.txt", root, "bdd10k", "train", ["images/10k/train/a.jpg"])
+    caplog.clear()
+    discover("bdd10k", root, "train", file_list=explicit)
+    assert caplog.records[-1].levelno == logging.WARNING
+    assert caplog.records[-1].getMessage().endswith(f"run: {command} --out {explicit}")
+
+
+def test_v1_list_warns_that_it_cannot_tell_new_files_from_bad(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = make_bdd100k(tmp_path, {"train": ["a", "b"]})
+    v1 = default_file_list_path("bdd100k", root, "train")
+    v1.parent.mkdir(parents=True)
+    v1.write_text(f"# oodfast clean file list v1\n# root: {root.resolve()}\n# kind: bdd100k\n# split: train\n"
+                  "# count: 1\nimages/100k/train/a.jpg\n")
+    with caplog.at_level(logging.WARNING, logger="oodfast.data.discover"):
+        assert len(discover("bdd100k", root, "train")) == 1
+    assert "old v1 format" in caplog.text
+    assert f"oodfast data check --data bdd100k --data-root {root.resolve()} --split train" in caplog.text
