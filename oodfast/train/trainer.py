@@ -198,6 +198,25 @@ class _Readout:
 _NONFINITE, _SIGTERM, _SIGINT, _CENTER = 0, 1, 2, 3
 
 
+#: Settings that may change when a run is continued: where and how it runs, not what it trains.
+RESUMABLE_CHANGES = frozenset({"output_dir", "data_root", "num_workers", "log_every", "tensorboard", "max_steps",
+                               "max_bad_steps", "saveckp_freq", "compile", "deterministic"})
+
+
+def check_same_run(stored: dict[str, Any] | None, config: TrainConfig, path: Path) -> None:
+    """Raise ValueError naming every setting of ``config`` that contradicts the run stored in ``path``
+    (its checkpoint's ``config``), except those in :data:`RESUMABLE_CHANGES`. A checkpoint without a
+    stored config (e.g. facebookresearch/dino's own) is not checked."""
+    if not isinstance(stored, dict):
+        return
+    current = config.to_dict()
+    differ = [f"{key}: {stored[key]!r} in the run, {current[key]!r} now" for key in current
+              if key in stored and key not in RESUMABLE_CHANGES and stored[key] != current[key]]
+    if differ:
+        raise ValueError(f"{path} holds a run with other settings ({'; '.join(differ)}); use the run's settings "
+                         "to continue it, or a new --output_dir to start another")
+
+
 class Trainer:
     """Builds everything a run needs from a :class:`TrainConfig` and runs it.
 
@@ -334,8 +353,18 @@ class Trainer:
                 raise ValueError("--tensorboard needs the tensorboard package: pip install 'oodfast[tensorboard]'") from None
             self.tb = SummaryWriter(str(self.out / "tb"))
         self.resumed = False
+        self._signals: StopSignals | None = None
+        if self.rank == 0:
+            for stale in self.out.glob(".checkpoint*.pth.*.tmp"):  # a write cut short by SIGKILL or a crash
+                log.warning("removing %s, an interrupted checkpoint write", stale)
+                stale.unlink(missing_ok=True)
+        if resume is None and (self.out / "checkpoint.pth").is_file():
+            # As facebookresearch/dino: the same command again continues its run (a requeued job keeps
+            # its progress); a command whose settings contradict the stored run is refused.
+            resume = self.out / "checkpoint.pth"
+            log.info("continuing the run in %s (from %s)", self.out, resume)
         if resume is not None:
-            self._restore(load_checkpoint(resume, map_location=self.device))
+            self._restore(load_checkpoint(resume, map_location=self.device), Path(resume))
 
     # ------------------------------------------------------------------------------------------
     def _loader(self, files: Any, seed: int, epoch_length: int | None, *, sharded: bool = True,
@@ -470,7 +499,11 @@ class Trainer:
             TrainingInterrupted: SIGTERM or SIGINT; the checkpoint holds the last finished step.
         """
         with StopSignals() as stop:  # SIGTERM / SIGINT: finish the step, checkpoint, raise TrainingInterrupted
-            return self._train(stop)
+            self._signals = stop
+            try:
+                return self._train(stop)
+            finally:
+                self._signals = None
 
     def _train(self, stop: StopSignals) -> dict[str, Any]:
         from tqdm.auto import tqdm
@@ -480,6 +513,9 @@ class Trainer:
             self.calibrate()
             self.warm_up()
         total = self.schedules.total_steps if cfg.max_steps is None else min(cfg.max_steps, self.schedules.total_steps)
+        if self.step >= total:
+            log.warning("the run in %s is complete (%d steps): nothing to do; raise --max-steps, or use a new "
+                        "--output_dir for another run", self.out, self.step)
         self._log_path = self.out / "log.jsonl"
         self._bad_in_row, self._images_seen, self._last = 0, 0, {}
         self._t_start = time.perf_counter()
@@ -693,12 +729,21 @@ class Trainer:
         state = self.state()
         if ranks is not None:
             state["ranks"] = ranks
-        save_checkpoint(self.out / "checkpoint.pth", state)
-        complete = self.step == (epoch + 1) * self.steps_per_epoch
-        if numbered and complete and self.cfg.saveckp_freq and (epoch + 1) % self.cfg.saveckp_freq == 0:
-            save_checkpoint(self.out / f"checkpoint{epoch + 1:04}.pth", state)
+        stop = self._signals
+        deferring = stop.deferring if stop is not None else False
+        if stop is not None:
+            stop.deferring = True  # a second signal waits for the write instead of cutting it short
+        try:
+            save_checkpoint(self.out / "checkpoint.pth", state)
+            complete = self.step == (epoch + 1) * self.steps_per_epoch
+            if numbered and complete and self.cfg.saveckp_freq and (epoch + 1) % self.cfg.saveckp_freq == 0:
+                save_checkpoint(self.out / f"checkpoint{epoch + 1:04}.pth", state)
+        finally:
+            if stop is not None:
+                stop.deferring = deferring
 
-    def _restore(self, ckpt: dict[str, Any]) -> None:
+    def _restore(self, ckpt: dict[str, Any], path: Path) -> None:
+        check_same_run(ckpt.get("config"), self.cfg, path)
         self.student.load_state_dict(ckpt["student"])
         self.teacher.load_state_dict(ckpt["teacher"])
         self.optimizer.load_state_dict(ckpt["optimizer"])

@@ -103,6 +103,61 @@ def test_short_run_writes_a_dino_checkpoint_that_torchvision_loads(data_root, tm
     assert rec["buffer"] == 2 and 0 < rec["entropy_ratio"] <= 1.0
 
 
+def test_the_same_command_again_continues_its_run_and_a_contradicting_one_is_refused(data_root, tmp_path):
+    """As facebookresearch/dino: a rerun into an output_dir holding a run continues it from
+    checkpoint.pth (a requeued cluster job keeps its progress) instead of replacing it."""
+    out = tmp_path / "run"
+    Trainer(tiny(data_root, out, max_steps=4), progress=False).train()
+    (out / ".checkpoint.pth.x1y2.tmp").write_bytes(b"half a checkpoint")  # a write cut short by SIGKILL
+    again = Trainer(tiny(data_root, out), progress=False)
+    assert again.resumed and again.step == 4
+    assert not list(out.glob(".checkpoint*.tmp")), "the interrupted write's temp file is removed"
+    assert again.train()["steps"] == 8
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "lr" in r and "event" not in r]
+    assert steps == list(range(8)), "each step logged once: the logs continue, not mix"
+    assert Trainer(tiny(data_root, out), progress=False).train()["steps"] == 8  # complete: nothing to do
+    assert load_checkpoint(out / "checkpoint.pth")["step"] == 8
+    with pytest.raises(ValueError, match="new --output_dir") as refused:
+        Trainer(tiny(data_root, out, batch_size_per_gpu=2, out_dim=32), progress=False)
+    assert "batch_size_per_gpu: 4 in the run, 2 now" in str(refused.value)
+    assert "out_dim: 64 in the run, 32 now" in str(refused.value)
+    with pytest.raises(ValueError, match="arch: 'resnet18' in the run, 'resnet34' now"):
+        Trainer(tiny(data_root, out, arch="resnet34"), progress=False, resume=out / "checkpoint.pth")
+
+
+def test_a_second_signal_during_an_epoch_end_checkpoint_waits_for_the_write(data_root, tmp_path):
+    """Every checkpoint write defers signals, not only the stop's: two SIGTERMs during the end-of-epoch
+    write leave a complete checkpoint, and the run then stops with the first."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "deferred"
+    script = tmp_path / "deferred.py"
+    script.write_text(
+        f"import os, signal, sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from pathlib import Path\n"
+        "from test_trainer import tiny\n"
+        "import oodfast.train.trainer as tm\n"
+        "save = tm.save_checkpoint\n"
+        "def save_under_fire(path, state):\n"
+        "    if state['step'] == 4:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return save(path, state)\n"
+        "tm.save_checkpoint = save_under_fire\n"
+        f"t = tm.Trainer(tiny({data_root!r}, Path({str(out)!r})), progress=False)\n"
+        "try:\n"
+        "    t.train()\n"
+        "except tm.TrainingInterrupted as e:\n"
+        "    print('STOPPED', t.step, e.signum)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "STOPPED 4 15" in proc.stdout, proc.stderr[-3000:]
+    assert "the checkpoint is being written" in proc.stderr
+    assert load_checkpoint(out / "checkpoint.pth")["step"] == 4
+    assert not list(out.glob(".checkpoint*.tmp"))
+
+
 def test_resume_reproduces_the_uninterrupted_run(data_root, tmp_path):
     full = Trainer(tiny(data_root, tmp_path / "full"), progress=False)
     full.train()
