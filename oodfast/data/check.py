@@ -247,6 +247,11 @@ def check_dataset(
     )
 
 
+def _shown(path: str) -> str:
+    """A file name for one table cell: repr() when it holds line breaks or other unprintables."""
+    return path if path.isprintable() else repr(path)
+
+
 def report_markdown(report: CheckReport) -> str:
     """A markdown summary of a check: counts, the clean list, then every bad file with its reason."""
     from oodfast.report import markdown_table
@@ -261,8 +266,8 @@ def report_markdown(report: CheckReport) -> str:
     )
     if report.bad:
         text += "\n## Bad files (left out of the clean list)\n\n"
-        text += markdown_table(["file", "reason"], [(b.path, b.reason) for b in report.bad])
+        text += markdown_table(["file", "reason"], [(_shown(b.path), b.reason) for b in report.bad])
     if report.warnings:
         text += "\n## Warnings (kept)\n\n"
-        text += markdown_table(["file", "reason"], [(b.path, b.reason) for b in report.warnings])
+        text += markdown_table(["file", "reason"], [(_shown(b.path), b.reason) for b in report.warnings])
     return text

@@ -228,3 +228,17 @@ def test_images_added_after_the_check_warn_with_the_refresh_command(
     assert warning.endswith(f"to check them and refresh the list, run: {command}")
     check_dataset(discover("bdd10k", planted, "train", use_default_list=False), workers=1, progress=False)
     assert len(discover("bdd10k", planted, "train")) == 5  # the command's effect
+
+
+def test_report_keeps_one_row_per_file_whatever_its_name(tmp_path: Path) -> None:
+    from oodfast.data.check import report_markdown
+
+    root = tmp_path / "pics"
+    root.mkdir()
+    (root / "ok.jpg").write_bytes(jpeg_bytes())
+    (root / "line\nbreak.jpg").write_bytes(b"")
+    (root / "#x\u2028y.jpg").write_bytes(b"")
+    text = report_markdown(check_dataset(discover("folder", root), workers=1, progress=False))
+    rows = [line for line in text.split("\n") if "zero-byte file" in line]
+    assert len(rows) == 2 and any(repr("line\nbreak.jpg") in r for r in rows)
+    assert any(repr("#x\u2028y.jpg") in r for r in rows)
