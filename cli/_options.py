@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -13,3 +14,78 @@ def report_options(fn):
                       help="Write the report as markdown.")(fn)
     return click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
                         help="Write the report as JSON.")(fn)
+
+
+def check_report_paths(*paths: Path | None) -> None:
+    """Refuse report paths whose folder cannot be written, before a command spends its time."""
+    from oodfast.train.checkpoint import check_writable_dir
+
+    for flag, path in zip(("--json", "--markdown", "--plot"), paths):
+        if path is not None:
+            check_writable_dir(Path(path).expanduser().parent, f"the folder of {flag} {path}:")
+
+
+def available_devices() -> list[str]:
+    """The devices this machine can run on: ``cpu``, and ``cuda``, ``cuda:0`` ... when torch sees GPUs."""
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ["cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(n)] if n else [])
+
+
+class Device(click.ParamType):
+    """``--device``: cpu, cuda or cuda:N, checked against this machine when parsed."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        text = str(value).strip().lower()
+        valid = available_devices()
+        if text in valid:
+            return text
+        if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+            why = ("torch sees no CUDA GPU (driver missing, or a CPU-only torch build)" if valid == ["cpu"]
+                   else f"this machine has {len(valid) - 2} GPU(s)")
+            self.fail(f"{value!r}: {why}; valid devices here: {', '.join(valid)}", param, ctx)
+        self.fail(f"{value!r} is not a device; valid devices here: {', '.join(valid)} "
+                  "(cpu, cuda or cuda:N)", param, ctx)
+
+
+DEVICE = Device()
+
+
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses nan and inf (click's comparisons let nan through)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+def csv_of(cast: type, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False):
+    """A click callback parsing ``a,b,c`` into a tuple of ``cast`` (int or float), each finite and in range."""
+    def describe() -> str:
+        if low is not None and high is not None:
+            return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        return f"{'>' if low_open else '>='} {low:g}" if low is not None else "finite"
+
+    def parse(_ctx: click.Context, _param: click.Parameter, value: str | None):
+        if value is None:
+            return None
+        try:
+            items = tuple(cast(v.strip()) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of "
+                                     f"{'integers' if cast is int else 'numbers'}") from None
+        for v in items:
+            bad = (not math.isfinite(v) or (low is not None and (v <= low if low_open else v < low))
+                   or (high is not None and (v >= high if high_open else v > high)))
+            if bad:
+                raise click.BadParameter(f"{v!r} in {value!r}: each value must be {describe()}")
+        if not items:
+            raise click.BadParameter(f"{value!r} names no value")
+        return items
+    return parse

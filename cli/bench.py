@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from oodfast.cli._options import report_options
+from oodfast.cli._options import check_report_paths, report_options
 
 
 @click.command()
@@ -26,16 +26,14 @@ def bench(device: str | None, stages: str, quick: bool, plot_path: Path | None, 
     from oodfast.report import write_report
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        if plot_path:
-            require_matplotlib()
-        report = run_bench(device, [s.strip() for s in stages.split(",") if s.strip()], quick=quick)
-        text = report_markdown(report)
-        write_report(report, text, json_path=json_path, markdown_path=markdown_path)
-        if plot_path:
-            plot_report(report, plot_path)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
+    if plot_path:
+        require_matplotlib()
+    check_report_paths(json_path, markdown_path, plot_path)
+    report = run_bench(device, [s.strip() for s in stages.split(",") if s.strip()], quick=quick)
+    text = report_markdown(report)
+    write_report(report, text, json_path=json_path, markdown_path=markdown_path)
+    if plot_path:
+        plot_report(report, plot_path)
     click.echo(text)
     if failures(report):  # the report is written; the exit status says it is incomplete
-        raise click.ClickException("some paths could not be measured:\n  " + "\n  ".join(failures(report)))
+        raise click.ClickException("some paths could not be measured (see the report): " + "; ".join(failures(report)))

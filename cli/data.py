@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
 
-from oodfast.cli._options import report_options
+from oodfast.cli._options import FiniteFloatRange, check_report_paths, report_options
 from oodfast.data.discover import KINDS
 
 DATA_KINDS = click.Choice(list(KINDS))
@@ -36,6 +37,8 @@ def parse_weights(_ctx: click.Context, _param: click.Parameter, value: str | Non
             out[name.strip()] = float(weight)
         except ValueError:
             raise click.BadParameter(f"{item!r} is not CLASS=WEIGHT, e.g. person=0.3") from None
+        if not (math.isfinite(out[name.strip()]) and out[name.strip()] >= 0):
+            raise click.BadParameter(f"{item!r}: a weight must be a finite number >= 0")
     return out
 
 
@@ -49,13 +52,13 @@ def data() -> None:
               help="Dataset root to create (BDD10K layout: images/10k/..., labels/sem_seg/masks/...).")
 @click.option("--num-images", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Frames in total, train and val together.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Frame i of a seed is the same image whatever --num-images and --workers are.")
 @click.option("--size", "size", default="1280x720", show_default=True, callback=parse_size,
               help="Frame size WxH (BDD: 1280x720; 640x360 is 4x faster to make and to load).")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.125, show_default=True,
+@click.option("--val-fraction", type=FiniteFloatRange(0, 1, max_open=True), default=0.125, show_default=True,
               help="Share of frames in the val split (BDD10K: 1000 of 8000).")
-@click.option("--rare-prob", type=click.FloatRange(0, 1), default=None,
+@click.option("--rare-prob", type=FiniteFloatRange(0, 1), default=None,
               help="Probability that a frame holds a rare object (default 0.25: ~15% of global crops rare).")
 @click.option("--rare-weights", callback=parse_weights, default=None,
               help="Relative frequencies of rare classes, e.g. 'person=0.3,train=0.05' (others keep defaults).")
@@ -70,16 +73,14 @@ def synth(out: Path, num_images: int, seed: int, size: tuple[int, int], val_frac
     from oodfast.report import write_report
 
     defaults = SynthConfig()
-    try:
-        config = SynthConfig(
-            width=size[0], height=size[1],
-            rare_image_prob=defaults.rare_image_prob if rare_prob is None else rare_prob,
-            rare_weights={**defaults.rare_weights, **(rare_weights or {})},
-        )
-        manifest = generate(out, num_images, seed, config, val_fraction=val_fraction, workers=workers,
-                            progress=True, overwrite=overwrite)
-    except (ValueError, FileExistsError) as e:
-        raise click.ClickException(str(e)) from None
+    config = SynthConfig(
+        width=size[0], height=size[1],
+        rare_image_prob=defaults.rare_image_prob if rare_prob is None else rare_prob,
+        rare_weights={**defaults.rare_weights, **(rare_weights or {})},
+    )
+    check_report_paths(json_path, markdown_path)
+    manifest = generate(out, num_images, seed, config, val_fraction=val_fraction, workers=workers,
+                        progress=True, overwrite=overwrite)
     text = manifest_markdown(manifest)
     write_report(manifest, text, json_path=json_path, markdown_path=markdown_path)
     click.echo(text)
@@ -104,13 +105,11 @@ def check(kind: str, data_root: Path | None, split: str, out: Path | None, worke
     Dataset files are never modified.
     """
     from oodfast.data.check import check_dataset, report_markdown
-    from oodfast.data.discover import DatasetError, discover
+    from oodfast.data.discover import discover
     from oodfast.report import write_report
 
-    try:
-        files = discover(kind, data_root, split, use_default_list=False)
-    except DatasetError as e:
-        raise click.ClickException(str(e)) from None
+    check_report_paths(json_path, markdown_path)
+    files = discover(kind, data_root, split, use_default_list=False)
     report = check_dataset(files, workers=workers, out=out, progress=True)
     text = report_markdown(report)
     write_report(report.to_dict(), text, json_path=json_path, markdown_path=markdown_path)

@@ -9,8 +9,9 @@ from typing import Any
 
 import click
 
-from oodfast.cli._options import report_options
+from oodfast.cli._options import DEVICE, check_report_paths, report_options
 from oodfast.cli.data import DATA_KINDS, parse_size
+from oodfast.train.config import ConfigError, check_field
 
 
 # (option name, python name, type, help). Defaults come from the preset; an option given overrides it.
@@ -45,9 +46,28 @@ DINO_OPTIONS: list[tuple[str, str, Any, str]] = [
 ]
 
 
+#: TrainConfig field -> the option that sets it, so a config error names what the user typed.
+FLAGS: dict[str, str] = {name: flag for flag, name, _, _ in DINO_OPTIONS} | {
+    "aug": "--aug", "detector": "--detector", "detector_weights": "--detector-weights", "metric": "--metric",
+    "threshold": "--threshold", "replay": "--replay", "data": "--data", "data_root": "--data-root",
+}
+
+
+def _in_range(name: str):
+    """Parse-time check of one option against TrainConfig's limits (oodfast.train.config.FIELD_RANGES)."""
+    def callback(ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+        if value is not None:
+            try:
+                check_field(name, value)
+            except ConfigError as e:
+                raise click.UsageError(e.render(FLAGS), ctx) from None
+        return value
+    return callback
+
+
 def _dino_options(fn):
     for flag, name, typ, help_text in reversed(DINO_OPTIONS):
-        fn = click.option(flag, name, type=typ, default=None, help=help_text)(fn)
+        fn = click.option(flag, name, type=typ, default=None, help=help_text, callback=_in_range(name))(fn)
     return fn
 
 
@@ -79,7 +99,7 @@ def _dino_options(fn):
 @click.option("--no-compile", is_flag=True, help="Run the step eagerly (no torch.compile).")
 @click.option("--tensorboard", is_flag=True, help="Also log the scalars to TensorBoard (output_dir/tb; extra 'tensorboard').")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Checkpoint to continue from.")
-@click.option("--device", default=None, help="cuda or cpu [default: cuda when available].")
+@click.option("--device", type=DEVICE, default=None, help="cpu, cuda or cuda:N [default: cuda when available].")
 @report_options
 @_dino_options
 def train(data: str, data_root: Path | None, synthetic_images: int | None, synthetic_size: tuple[int, int] | None,
@@ -91,6 +111,7 @@ def train(data: str, data_root: Path | None, synthetic_images: int | None, synth
     import torch
 
     from oodfast.report import markdown_table, write_report
+    from oodfast.train.checkpoint import check_checkpoint_file, check_writable_dir
     from oodfast.train.config import PRESETS, preset_for
     from oodfast.train.trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
@@ -121,8 +142,19 @@ def train(data: str, data_root: Path | None, synthetic_images: int | None, synth
         overrides["tensorboard"] = True
     try:
         config = PRESETS[name](**overrides)
+    except ConfigError as e:  # a combination of options (or an option against the preset), e.g. --epochs 5 < warm-up
+        raise click.UsageError(e.render(FLAGS) + f" (preset {name})", click.get_current_context()) from None
+    check_writable_dir(config.output_dir, "--output_dir")  # before any work: a run that cannot be saved is refused
+    check_report_paths(json_path, markdown_path)
+    if resume is not None:  # an empty or cut-off file is refused now, not after the data is built
+        check_checkpoint_file(resume, "--resume")
+    elif (Path(config.output_dir) / "checkpoint.pth").exists():  # the run the trainer continues
+        check_checkpoint_file(Path(config.output_dir) / "checkpoint.pth", "--output_dir's run")
+    if config.replay == "ood" and config.detector == "frozen" and config.detector_weights:
+        check_checkpoint_file(config.detector_weights, "--detector-weights")
+    try:
         summary = Trainer(config, device=device, resume=resume).train()
-    except (ValueError, FileNotFoundError, TrainingDiverged) as e:
+    except TrainingDiverged as e:
         raise click.ClickException(str(e)) from None
     except TrainingInterrupted as e:  # the checkpoint holds the last step: exit as the signal would have
         click.echo(f"oodfast train: {e}", err=True)

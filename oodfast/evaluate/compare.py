@@ -11,12 +11,46 @@ is the interval that answers "does this arm train a better encoder".
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from oodfast.evaluate.represent import mean_interval
 
-__all__ = ["HEADLINE_METRICS", "compare_representations", "comparison_markdown"]
+__all__ = ["HEADLINE_METRICS", "compare_representations", "comparison_markdown", "read_report"]
+
+_HOW = "pass the JSON that `oodfast evaluate represent --json PATH` wrote"
+
+
+def read_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """One ``oodfast evaluate represent`` JSON report.
+
+    Raises:
+        ValueError: one line naming ``path``: missing or unreadable, not UTF-8 text (e.g. a checkpoint or
+            an image passed by mistake), not JSON, or JSON without the report's sections.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read report {path} ({e.strerror or e}); {_HOW}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is a binary file (not UTF-8 text at byte {e.start}), not a JSON report; "
+                         f"{_HOW}") from None
+    if "\x00" in text:
+        raise ValueError(f"{path} is a binary file (a NUL byte at {text.index(chr(0))}), not a JSON report; {_HOW}")
+    try:
+        report = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); {_HOW}") from None
+    if not (isinstance(report, dict) and isinstance(report.get("dominant"), dict)
+            and isinstance(report.get("rare_present"), dict)):
+        raise ValueError(f"{path} is not an `oodfast evaluate represent` JSON report (no 'dominant'/'rare_present' "
+                         f"sections); {_HOW}")
+    return report
 
 
 def _linear(task: str, key: str) -> Callable[[Mapping[str, Any]], dict[str, Any] | None]:

@@ -9,11 +9,126 @@ can be exercised anywhere. ``preset_for(device)`` picks one.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 DETECTOR_MODES = ("teacher", "frozen")
 REPLAY_MODES = ("ood", "random", "oracle", "none")
+THRESHOLD_MODES = ("fixed", "online")
+AUG_BACKENDS = ("dali", "reference", "torch")
+METRICS = ("euclidean", "cosine", "mahalanobis", "knn")
+
+
+class ConfigError(ValueError):
+    """A :class:`TrainConfig` value out of range. ``fields`` names the field (first) and any field it
+    conflicts with; :meth:`render` words the message with other names for them (the CLI's flags), so
+    the API and the command line refuse the same values with the same words."""
+
+    def __init__(self, template: str, fields: tuple[str, ...], **values: Any) -> None:
+        self.template, self.fields, self.values = template, fields, values
+        super().__init__(self.render())
+
+    @property
+    def field(self) -> str:
+        return self.fields[0]
+
+    def render(self, names: Mapping[str, str] | None = None) -> str:
+        """The message, each field called ``names[field]`` (default: the field's own name)."""
+        names = names or {}
+        return self.template.format(**{f: names.get(f, f) for f in self.fields}, **self.values)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts: ``kind`` int or float (floats must be finite), bounds
+    ``low`` / ``high`` (inclusive unless ``*_open``), and ``optional``: None is allowed too."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    optional: bool = False
+
+    def describe(self) -> str:
+        what = "an integer" if self.kind is int else "a finite number"
+        low, high = _num(self.low), _num(self.high)
+        if self.low is not None and self.high is not None:
+            return f"{what} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{what} {'>' if self.low_open else '>='} {low}"
+        if self.high is not None:
+            return f"{what} {'<' if self.high_open else '<='} {high}"
+        return what
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        if self.kind is int:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                return False
+        elif not (_is_real(value) and math.isfinite(value)):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return ""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+#: The one table of numeric limits: ``TrainConfig.__post_init__`` and the CLI's parse-time checks of
+#: ``oodfast train``'s options both read it. Crop sizes of at least 8 px (ResNet's stride is 32, but
+#: smaller crops still pool to one feature); seeds below 2**31 (numpy's seed is 32-bit and each rank adds
+#: its rank).
+FIELD_RANGES: dict[str, Range] = {
+    "epoch_length": Range(int, 1, optional=True),
+    "num_workers": Range(int, 0, optional=True),
+    "out_dim": Range(int, 1),
+    "global_size": Range(int, 8),
+    "local_size": Range(int, 8),
+    "local_crops_number": Range(int, 0),
+    "batch_size_per_gpu": Range(int, 1),
+    "epochs": Range(int, 1),
+    "lr": Range(float, 0),
+    "min_lr": Range(float, 0),
+    "warmup_epochs": Range(int, 0),
+    "weight_decay": Range(float, 0),
+    "weight_decay_end": Range(float, 0),
+    "momentum_teacher": Range(float, 0, 1),
+    "teacher_temp": Range(float, 0, low_open=True),
+    "warmup_teacher_temp": Range(float, 0, low_open=True),
+    "warmup_teacher_temp_epochs": Range(int, 0),
+    "clip_grad": Range(float, 0),
+    "freeze_last_layer": Range(int, 0),
+    "buffer_size": Range(int, 1),
+    "calib_size": Range(int, 1),
+    "calib_frac": Range(float, 0, 1, low_open=True, optional=True),
+    "ood_percentile": Range(float, 0, 1, low_open=True, high_open=True),
+    "seed": Range(int, 0, 2**31 - 1),
+    "saveckp_freq": Range(int, 0),
+    "log_every": Range(int, 1),
+    "max_steps": Range(int, 1, optional=True),
+    "max_bad_steps": Range(int, 1),
+}
+
+
+def check_field(name: str, value: Any) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is in ``FIELD_RANGES[name]`` (no-op for other fields)."""
+    spec = FIELD_RANGES.get(name)
+    if spec is not None and not spec.accepts(value):
+        raise ConfigError("{%s} must be %s, got {value!r}" % (name, spec.describe()), (name,), value=value)
 
 
 @dataclass(frozen=True)
@@ -100,24 +215,30 @@ class TrainConfig:
     synthetic_spec: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.replay in REPLAY_MODES, f"replay must be one of {REPLAY_MODES}, got {self.replay!r}"),
-            (self.detector in DETECTOR_MODES, f"detector must be one of {DETECTOR_MODES}, got {self.detector!r}"),
-            (self.threshold in ("fixed", "online"), f"threshold must be 'fixed' or 'online', got {self.threshold!r}"),
-            (self.aug in ("dali", "reference", "torch"), f"aug must be dali, reference or torch, got {self.aug!r}"),
-            (self.batch_size_per_gpu >= 1, f"batch_size_per_gpu must be >= 1, got {self.batch_size_per_gpu}"),
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.buffer_size >= 1, f"buffer_size must be >= 1, got {self.buffer_size}"),
-            (0.0 < self.ood_percentile < 1.0, f"ood_percentile must be in (0, 1), got {self.ood_percentile}"),
-            (self.calib_frac is None or 0.0 < self.calib_frac <= 1.0, f"calib_frac must be in (0, 1], got {self.calib_frac}"),
-            (self.local_crops_number >= 0, f"local_crops_number must be >= 0, got {self.local_crops_number}"),
-            (self.clip_grad >= 0, f"clip_grad must be >= 0 (0 disables), got {self.clip_grad}"),
-            (self.warmup_teacher_temp_epochs <= self.epochs,
-             f"warmup_teacher_temp_epochs ({self.warmup_teacher_temp_epochs}) must not exceed epochs ({self.epochs})"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        """Every field checked against :data:`FIELD_RANGES` (and the choices and cross-field limits
+        below): a bad value raises :class:`ConfigError` naming the field, never a NaN run."""
+        for name in FIELD_RANGES:
+            check_field(name, getattr(self, name))
+        choices = {"replay": REPLAY_MODES, "detector": DETECTOR_MODES, "threshold": THRESHOLD_MODES,
+                   "aug": AUG_BACKENDS, "metric": METRICS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError("{%s} must be one of %s, got {value!r}" % (name, ", ".join(allowed)), (name,),
+                                  value=getattr(self, name))
+        for name in ("global_crops_scale", "local_crops_scale"):
+            scale = getattr(self, name)
+            if not (isinstance(scale, (tuple, list)) and len(scale) == 2
+                    and all(_is_real(v) and math.isfinite(v) for v in scale) and 0 < scale[0] <= scale[1] <= 1):
+                raise ConfigError("{%s} must be (low, high) with 0 < low <= high <= 1, got {value!r}" % name,
+                                  (name,), value=scale)
+        for name in ("warmup_epochs", "warmup_teacher_temp_epochs"):
+            if getattr(self, name) > self.epochs:
+                raise ConfigError("{%s} ({value}) must not exceed {epochs} ({epochs_value}); lower {%s} or raise "
+                                  "{epochs}" % (name, name), (name, "epochs"), value=getattr(self, name),
+                                  epochs_value=self.epochs)
+        if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir).strip():
+            raise ConfigError("{output_dir} must be a folder path, got {value!r}", ("output_dir",),
+                              value=self.output_dir)
 
     @property
     def uses_ring(self) -> bool:
