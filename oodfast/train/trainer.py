@@ -3,22 +3,22 @@
 One step, as in the paper but without its host round trips::
 
     loader batch (B images x 2 global + N local crops)  --stage-->  rows [0, B) of persistent tensors
-    [frozen detector] embed global crops -> rare_enqueue -> ring_copy      (compiled pre-step)
     teacher(global views of B + C rows), student(all views of B + C rows), DINOLoss    (compiled)
     backward into one flat gradient buffer; ONE all-reduce of gradients, skip flag,
     signal flags and the loss centre (under torchrun); per-parameter clipping,
     last-layer freeze, fused AdamW (skips the step on the device if non-finite)         (eager)
     EMA teacher update with a 0-d momentum, loss centre;
-    [teacher detector] teacher embeddings of rows [0, B) -> rare_enqueue -> ring_copy  (compiled post-step)
+    teacher (or frozen encoder) embeddings of rows [0, B) -> rare_enqueue -> ring_copy (compiled post-step)
 
 The ring lives in rows [B, B + C) of the same persistent tensors (RareRing tail mode), so the model
 always sees B + C rows per view with static shapes; schedules enter as 0-d tensors, so nothing
-recompiles as they change. With the teacher detector an image flagged in step t is replayed from step
-t + 1 on (it is in step t's batch anyway); the frozen detector, like the paper's, flags before the
-forward.
+recompiles as they change. An image flagged in step t is replayed from step t + 1 on (it is in step t's
+batch anyway), with the teacher detector and the frozen one alike: the paper's frozen detector flags
+before the forward, here after the step, so that a skipped step changes nothing.
 
 Nothing in a step waits for the device. A non-finite loss (on any rank) or gradient skips the step on
-the device: AdamW's ``found_inf``, an EMA momentum of 1, an unchanged centre. The step's loss, skip
+the device: AdamW's ``found_inf``, an EMA momentum of 1, an unchanged centre, buffer and detector. The
+step's loss, skip
 flag and signals, and on log steps its monitoring scalars, are copied to pinned host memory behind an
 event and read once the next step is enqueued (:class:`_Readout`); ``max_bad_steps`` skipped steps in a
 row stop the run and leave the last checkpoint intact. SIGTERM or SIGINT (a cluster's preemption,
@@ -48,11 +48,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch import nn
 
 from oodfast.buffer import RareRing
-from oodfast.data.crops import DEFAULT_RARE_TAU, rare_shares
+from oodfast.data.crops import DEFAULT_RARE_TAU, rare_shares, read_mask
 from oodfast.data.discover import discover
 from oodfast.data.multicrop import MultiCropConfig, multicrop_loader
 from oodfast.detect import DetectorConfig, OracleDetector, RandomDetector, RareDetector, ScoreDetector
@@ -275,6 +274,9 @@ class Trainer:
         self.teacher.load_state_dict(self.student.state_dict())
         for p in self.teacher.parameters():
             p.requires_grad = False
+        # BatchNorm running statistics move in every forward; a skipped step puts them back.
+        self._norm_state = [b for m in (self.student, self.teacher) for b in m.buffers()]
+        self._norm_saved = [torch.empty_like(b) for b in self._norm_state]
         torch.manual_seed(cfg.seed + self.rank)  # from here on each rank draws its own numbers
         np.random.seed(cfg.seed + self.rank)
         # Gradients averaged over ranks in one all-reduce after backward (see oodfast.train.distributed:
@@ -343,7 +345,6 @@ class Trainer:
         self._bar: Any = None
         self._bad_in_row, self._images_seen, self._last, self._t_start = 0, 0, {}, time.perf_counter()
         self._forward = torch.compile(self._forward_impl, fullgraph=True) if cfg.compile else self._forward_impl
-        self._pre = torch.compile(self._pre_impl, fullgraph=True) if cfg.compile else self._pre_impl
         self._post = torch.compile(self._post_impl, fullgraph=True) if cfg.compile else self._post_impl
         self.tb = None
         if cfg.tensorboard and self.rank == 0:
@@ -384,7 +385,7 @@ class Trainer:
         if isinstance(self.detector, OracleDetector):
             if boxes is None:
                 raise ValueError("the oracle replay needs the batch's crop boxes")
-            shares = [rare_shares(np.asarray(Image.open(self.files.masks[int(i)])), b.numpy()).max()
+            shares = [rare_shares(read_mask(self.files.masks[int(i)], self.files.images[int(i)]), b.numpy()).max()
                       for i, b in zip(index, boxes[:, :2])]
             self.detector.shares.copy_(torch.tensor(shares, dtype=torch.float32).unsqueeze(1), non_blocking=True)
         if self.ring is not None:
@@ -406,16 +407,11 @@ class Trainer:
         return feats.float().view(2, self.B, -1)
 
     # ---- the three compiled pieces -------------------------------------------------------------
-    def _pre_impl(self) -> None:
-        """Frozen detector: flag the staged batch and copy its rare images into the ring, before the forward."""
-        views = self.views()
-        emb = self._embed_globals(views[:2])
-        self.detector.enqueue(emb, self.ring, self._ids, self._step_t, scores=self._scores, slots=self._slots)
-        self.ring.write(self._slots)
-
     def _forward_impl(self, teacher_temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, teacher backbone features, this rank's batch centre [1, K], loss non-finite as 0-d fp32)."""
         views = self.views()
+        if self._norm_state:
+            torch._foreach_copy_(self._norm_saved, self._norm_state)
         with self.amp:
             teacher_out, teacher_feats = self.teacher(views[:2], return_features=True)
             student_out = self.student(views)
@@ -426,17 +422,30 @@ class Trainer:
 
     def _post_impl(self, teacher_feats: torch.Tensor, momentum: torch.Tensor, skipped: torch.Tensor,
                    center: torch.Tensor) -> None:
-        """EMA teacher and loss centre (both unchanged on a skipped step: ``skipped`` 0-d bool), then the
-        teacher detector's enqueue. A skipped step's images are still scored: by the unchanged teacher."""
+        """EMA teacher, loss centre, then the detector scores the staged images and the rare ones enter the
+        ring. On a skipped step (``skipped``, 0-d bool) none of it changes anything: the momentum is 1,
+        the centre stays, and the ring's state and metadata and the detector's threshold and flag rate
+        are put back (no slot is written), as are the BatchNorm running statistics."""
         with torch.no_grad():
             ema_update_(list(self.teacher.parameters()), list(self.student.parameters()),
                         torch.where(skipped, torch.ones_like(momentum), momentum))
             self.loss.apply_center_(center, skip=skipped)
-            if self.ring is not None and self.encoder is None:
-                # Teacher detector (random / oracle replay ignore it): the teacher's embeddings of the staged rows.
+            for b, old in zip(self._norm_state, self._norm_saved):
+                b.copy_(torch.where(skipped, old, b))
+            if self.ring is None:
+                return
+            if self.encoder is not None:  # frozen detector: its own embedding of the staged global crops
+                emb = self._embed_globals(self.views()[:2])
+            else:  # teacher detector (random / oracle replay ignore it): the teacher's embeddings
                 emb = teacher_feats.float().view(2, self.rows, -1)[:, : self.B]
-                self.detector.enqueue(emb, self.ring, self._ids, self._step_t, scores=self._scores, slots=self._slots)
-                self.ring.write(self._slots)
+            ring, det = self.ring, self.detector
+            kept = [ring.state, ring.ring_ids, ring.ring_scores, ring.ring_steps, det.threshold, det.flag_rate]
+            before = [t.clone() for t in kept]
+            det.enqueue(emb, ring, self._ids, self._step_t, scores=self._scores, slots=self._slots)
+            for t, old in zip(kept, before):
+                t.copy_(torch.where(skipped, old, t))
+            self._slots.masked_fill_(skipped, -1)
+            ring.write(self._slots)
 
     # ---- calibration and warm-up -----------------------------------------------------------------
     @torch.no_grad()
@@ -575,16 +584,14 @@ class Trainer:
 
     def run_step(self, epoch: int = 0, stop: StopSignals | None = None, *, log: bool = False,
                  timed: bool = True) -> None:
-        """One training step on the staged rows, enqueued without a host synchronisation: (frozen
-        detector), forward and loss, backward, one all-reduce, clipping, AdamW, EMA, centre, (teacher
-        detector). A step whose loss (on any rank) or gradients are non-finite is skipped on the device:
-        fused AdamW's ``found_inf``, a unit EMA momentum, an unchanged centre. Its scalars reach the host
-        later (:meth:`_settle`); ``self.step`` is not advanced here."""
+        """One training step on the staged rows, enqueued without a host synchronisation: forward and
+        loss, backward, one all-reduce, clipping, AdamW, EMA, centre, the detector's enqueue. A step whose
+        loss (on any rank) or gradients are non-finite is skipped on the device and changes nothing
+        (weights, optimizer, EMA, centre, buffer, detector). Its scalars reach the host later
+        (:meth:`_settle`); ``self.step`` is not advanced here."""
         cfg = self.cfg
         self.schedules.write_(self.step, self.sched)
         self._step_t.fill_(self.step)
-        if self.encoder is not None:
-            self._pre()
         sync = self.grad_sync
         sync.zero_()
         loss, teacher_feats, center, nonfinite = self._forward(self.sched.teacher_temp)

@@ -78,6 +78,34 @@ def test_a_step_never_reads_a_tensor_on_the_host(data_root, tmp_path):
     assert t._settle() == 0 and t._last["step"] == 0 and t._last["loss"] > 0
 
 
+@pytest.mark.parametrize("detector", ["teacher", "random"])
+def test_a_skipped_step_changes_nothing(data_root, tmp_path, detector):
+    """A non-finite loss: weights, optimizer, EMA teacher, loss centre, buffer (state, metadata, crops)
+    and detector stay exactly as they were, even with a threshold that would flag every image."""
+    t = staged(Trainer(tiny(data_root, tmp_path / detector, replay="ood" if detector == "teacher" else "random"),
+                       progress=False))
+    t.run_step()  # the optimizer's state exists
+    t.detector.threshold.fill_(-float("inf"))
+    original = t.loss.forward
+    t.loss.forward = lambda *a, **k: original(*a, **k) * float("nan")
+
+    def snapshot():
+        return [x.detach().clone() for x in (*t.student.state_dict().values(), *t.teacher.state_dict().values(),
+                *(v for s in t.optimizer.state.values() for v in s.values()), t.loss.center,
+                *t.ring.state_dict().values(), *t.ring.views(), *t.detector.state_dict().values())]
+
+    before = snapshot()
+    t.run_step()
+    after = snapshot()
+    assert len(before) == len(after)
+    assert all(torch.equal(a, b) or (a.isnan().all() and b.isnan().all()) for a, b in zip(before, after))
+    assert t._settle() == 0 and t._bad_in_row == 1
+    t.loss.forward = original
+    enqueued = int(t.ring.enqueued_total)
+    t.run_step()  # a finite step after it: the same threshold flags the whole batch
+    assert int(t.ring.enqueued_total) == enqueued + t.B
+
+
 def losses(out: Path) -> list[float]:
     recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     return [r["loss"] for r in recs if "lr" in r]
