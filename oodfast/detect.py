@@ -27,6 +27,7 @@ the host after ``fit``.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +105,10 @@ def ledoit_wolf(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return mean, 1.0 / b, vt, coef, shrink
 
 
+#: Calibration rows beyond this norm are dropped: squared distances between such rows overflow fp32.
+_MAX_NORM = 1e18
+
+
 class RareDetector(nn.Module):
     """Scores embeddings for rarity and feeds the flagged images into a :class:`RareRing`.
 
@@ -144,13 +149,15 @@ class RareDetector(nn.Module):
 
         Args:
             features: [n, D] embeddings of the calibration images (any float dtype, any device).
-                Rows with non-finite values are dropped with a warning.
+                Rows with non-finite values, or of a magnitude whose squared distances overflow fp32
+                (norm > 1e18), are dropped with a warning.
 
         Returns:
             The calibration scores [n_kept] (fp32, on the detector's device).
 
         Raises:
-            ValueError: wrong shape, or too few finite rows for the metric.
+            ValueError: wrong shape, too few usable rows for the metric, or calibration scores with no
+                finite percentile (e.g. all-zero embeddings under cosine).
         """
         if features.dim() != 2 or features.shape[1] != self.dim:
             raise ValueError(f"features must have shape [n, {self.dim}], got {list(features.shape)}")
@@ -158,6 +165,12 @@ class RareDetector(nn.Module):
         if not finite.all():
             log.warning("fit: dropping %d calibration embeddings with non-finite values", int((~finite).sum()))
             features = features[finite]
+        huge = torch.linalg.vector_norm(features.double(), dim=1) > _MAX_NORM
+        if huge.any():
+            log.warning("fit: dropping %d calibration embeddings of norm > %.0e (their distances overflow fp32; "
+                        "largest %.3g): check the encoder", int(huge.sum()), _MAX_NORM,
+                        float(torch.linalg.vector_norm(features.double(), dim=1).max()))
+            features = features[~huge]
         n = features.shape[0]
         need = self.config.knn_k + 1 if self.config.metric == "knn" else 2
         if n < need:
@@ -194,7 +207,12 @@ class RareDetector(nn.Module):
             scores = self._cross_fitted_mahalanobis(x)
         else:
             scores = rare_score(x, self.center, self.proj, self.coef, self.alpha, self.metric_id)
-        self.threshold.fill_(float(torch.nanquantile(scores, self.config.percentile)))
+        threshold = float(torch.nanquantile(scores, self.config.percentile))
+        if not math.isfinite(threshold):
+            raise ValueError(f"{metric} calibration gave no finite score ({int(torch.isfinite(scores).sum())} of "
+                             f"{scores.numel()} finite): check the calibration embeddings (all zero? an encoder "
+                             "that outputs constants?)")
+        self.threshold.fill_(threshold)
         q10, q90 = torch.nanquantile(scores, torch.tensor([0.1, 0.9], device=dev))
         self.spread.fill_(float((q90 - q10).clamp_min(1e-6)))
         self.flag_rate.fill_(self.config.rate)

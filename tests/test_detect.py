@@ -153,3 +153,18 @@ def test_knn_bank_dtype_bfloat16_scores_close_to_float32():
     assert torch.allclose(fast.score(x), exact.score(x), atol=2e-2)
     with pytest.raises(ValueError, match="knn_bank_dtype"):
         DetectorConfig(metric="knn", knn_bank_dtype="half")
+
+
+def test_fit_drops_rows_whose_distances_overflow_and_refuses_a_threshold_that_is_not_finite(caplog):
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    x[3] = 3e38  # finite in fp32, but every squared distance to it (and to a mean it drags) overflows
+    det = RareDetector(8, DetectorConfig(metric="euclidean", percentile=0.9))
+    with caplog.at_level("WARNING"):
+        det.fit(x)
+    assert torch.isfinite(det.threshold) and "norm > 1e+18" in caplog.text
+    clean = RareDetector(8, DetectorConfig(metric="euclidean", percentile=0.9))
+    clean.fit(torch.cat([x[:3], x[4:]]))
+    torch.testing.assert_close(det.threshold, clean.threshold)
+    with pytest.raises(ValueError, match="no finite score"):
+        RareDetector(8, DetectorConfig(metric="cosine")).fit(torch.zeros(16, 8))
