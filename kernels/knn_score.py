@@ -236,22 +236,23 @@ def _block_sizes(b: int, d: int, k: int, bank_dtype: torch.dtype) -> tuple[int, 
       queries (bank traffic = N*D*bytes per query block). KPAD > 64: 32 rows (16-bit banks) / 16 rows
       (fp32), else the [BLOCK_B, KPAD] buffer and the sort spill. Small batches use the same tiles
       (the masked rows cost MMA and sort work, not bank traffic; not measured on a GPU yet).
-    * BLOCK_N: bank rows per tile = MMA N and the width sorted by tl.topk: max(128, KPAD).
+    * BLOCK_N: bank rows per tile = MMA N and the width sorted by tl.topk: max(128, KPAD); 256 for
+      fp32 banks at KPAD > 64 (KPAD = 128 with 128-wide tiles spilled 16 B on sm_90a).
     * BLOCK_D: reduction chunk = MMA K. 16-bit banks: 64 (128 bytes, one cache line). fp32 banks
-      ("ieee" products, FMA-based on sm_80): 16 at KPAD <= 64 (32 spilled 8-12 B on sm_80 at 255
-      registers), 32 with the 16-row blocks. 3 pipeline stages stay under 80 KiB of shared memory.
+      ("ieee" products, FMA-based): 16 (32 spilled 8-12 B on sm_80 at 255 registers). 3 pipeline
+      stages stay under 80 KiB of shared memory.
     * num_warps: 8. ptxas -v, sm_90a / sm_80 (tests/kernels/test_compile.py prints the table):
-      bf16 KPAD 64 [64 x 128]: 187 / 220 registers; bf16 KPAD 256 [32 x 256]: 242 / 255; fp32
-      KPAD 64 [64 x 128, K=16]: 218 on sm_80; fp32 KPAD 256 [16 x 256]: 185 on sm_80; no spills.
-      Smaller blocks at 8 warps are worse, not better: ptxas then caps itself at 128 registers
-      (two blocks per SM) and spills (fp32 [32 x 128]: 20-24 B on sm_80).
+      bf16 KPAD 64 [64 x 128]: 187 / 220 registers; bf16 KPAD 256 [32 x 256]: 248 / 255; fp32
+      KPAD 64 [64 x 128, K=16]: 218 on sm_80; fp32 KPAD 128 / 256 [16 x 256, K=16]: 185-194; no
+      spills. Smaller blocks at 8 warps can be worse, not better: ptxas then caps itself at 128
+      registers (two blocks per SM) and spills (fp32 [32 x 128]: 20-24 B on sm_80; [16 x 256] with
+      K=32: 40 B on sm_90a).
     """
     kpad = max(16, _next_pow2(k))
-    block_n = max(128, kpad)
     if bank_dtype == torch.float32:
-        block_b, block_d = (64, 16) if kpad <= 64 else (16, 32)
+        block_b, block_n, block_d = (64, 128, 16) if kpad <= 64 else (16, 256, 16)
     else:
-        block_b, block_d = (64 if kpad <= 64 else 32), 64
+        block_b, block_n, block_d = (64 if kpad <= 64 else 32), max(128, kpad), 64
     return block_b, block_n, block_d, kpad, 8
 
 

@@ -204,37 +204,38 @@ def _rare_enqueue_kernel(
                     tl.store(scores_ptr + offs, score, mask=in_b)
                     tl.store(slots_ptr + offs, tl.where(flag, -2, -1).to(tl.int32), mask=in_b)
                 tl.debug_barrier()  # this program's stores, read back by other threads below
-            head = tl.load(state_ptr + 0)
+            # int32 ranks and counts (B < 2^31; head < C): int64 [BLOCK_SCAN] scans spilled on sm_80/90.
+            head = tl.load(state_ptr + 0).to(tl.int32)
             count = tl.load(state_ptr + 1)
             step = tl.load(step_ptr)
             # Pass 1: total flagged and non-finite (NaN scores). Loads are volatile: other programs
             # wrote these rows.
-            total = tl.zeros([], tl.int64)
-            nonfinite = tl.zeros([], tl.int64)
+            total = tl.zeros([], tl.int32)
+            nonfinite = tl.zeros([], tl.int32)
             for s0 in range(0, B, BLOCK_SCAN):
                 offs = s0 + tl.arange(0, BLOCK_SCAN)
                 in_b = offs < B
-                f = (tl.load(slots_ptr + offs, mask=in_b, other=-1, volatile=True) == -2).to(tl.int64)
+                f = (tl.load(slots_ptr + offs, mask=in_b, other=-1, volatile=True) == -2).to(tl.int32)
                 total += tl.sum(f, 0)
                 sc = tl.load(scores_ptr + offs, mask=in_b, other=0.0, volatile=True)
-                nonfinite += tl.sum((sc != sc).to(tl.int64), 0)
+                nonfinite += tl.sum((sc != sc).to(tl.int32), 0)
             # Pass 2: ranks, survivors (the last C flagged, as deque(maxlen=C).extend), slots, metadata.
-            carry = tl.zeros([], tl.int64)
+            carry = tl.zeros([], tl.int32)
             for s0 in range(0, B, BLOCK_SCAN):
                 offs = s0 + tl.arange(0, BLOCK_SCAN)
                 in_b = offs < B
-                f = (tl.load(slots_ptr + offs, mask=in_b, other=-1, volatile=True) == -2).to(tl.int64)
+                f = (tl.load(slots_ptr + offs, mask=in_b, other=-1, volatile=True) == -2).to(tl.int32)
                 rank = carry + tl.cumsum(f, 0) - f
                 keep = (f == 1) & (rank >= total - C)
-                slot = (head + rank) % C
-                tl.store(slots_ptr + offs, tl.where(keep, slot, -1).to(tl.int32), mask=in_b)
+                slot = (head + rank % C) % C
+                tl.store(slots_ptr + offs, tl.where(keep, slot, -1), mask=in_b)
                 sc = tl.load(scores_ptr + offs, mask=in_b, other=0.0, volatile=True)
                 ids = tl.load(ids_ptr + offs, mask=in_b, other=0)
                 tl.store(ring_ids_ptr + slot, ids, mask=keep)
                 tl.store(ring_scores_ptr + slot, sc, mask=keep)
                 tl.store(ring_steps_ptr + slot, tl.zeros_like(ids) + step, mask=keep)
                 carry += tl.sum(f, 0)
-            tl.store(state_ptr + 0, (head + total) % C)
+            tl.store(state_ptr + 0, ((head + total % C) % C).to(tl.int64))
             tl.store(state_ptr + 1, tl.minimum(count + total, C))
             tl.store(state_ptr + 2, tl.load(state_ptr + 2) + total)
             tl.store(state_ptr + 3, tl.load(state_ptr + 3) + nonfinite)
@@ -280,18 +281,20 @@ def launch_config(metric: int, has_ring: bool, V: int, B: int, D: int, R: int, d
     * score: B / 256 programs; each reads 1 KiB, the cost is the scan, and fewer programs take fewer
       of the (same-address) ticket atomics.
     * mahalanobis: compute bound (2 V B D R flops), split over R: program (i, r) projects BLOCK_M
-      (view, image) rows onto BLOCK_R = 64 axes with tl.dot (K = BLOCK_D = 32), reading x once, and
+      (view, image) rows onto BLOCK_R = 32 axes with tl.dot (K = BLOCK_D = 32), reading x once, and
       writes its partial sum to a [splits, V * B] fp32 workspace; the finishing program (rare_enqueue)
       or one more small launch (rare_score) adds the splits in split order: deterministic.
       BLOCK_M is 64, 32 or 16, the largest that still gives one program per SM (B = 1024, V = 2,
-      R = 255: BLOCK_M = 32, 64 x 4 = 256 programs; the old grid ran 32 programs, each over all R).
+      R = 255: BLOCK_M = 64, 32 x 8 = 256 programs; the old grid ran 32 programs, each over all R).
+      ptxas: [64 x 32] tiles at 4 warps use 168 registers on sm_80 with tf32x3, no spills; [64 x 64]
+      reached 255 and spilled 24 B.
       The projections run in "tf32x3" on CUDA (three TF32 MMAs: fp32 accuracy, ~1e-6 relative, on
       the tensor cores; plain TF32 cost ~5e-4 and changed flags near the threshold), exact fp32
       ("ieee") in the interpreter.
     """
     ring = bool(has_ring)
     if metric == MAHALANOBIS:
-        block_r, block_d = 64, 32
+        block_r, block_d = 32, 32
         n_split = max(1, triton.cdiv(R, block_r))
         block_m = 16
         for bm in (64, 32):

@@ -30,6 +30,7 @@ if __name__ == "__main__":  # the real compiler, before any kernel module is imp
 import argparse
 import dataclasses
 import functools
+import hashlib
 import importlib
 import inspect
 import json
@@ -243,6 +244,29 @@ _PTXAS_RE = {
 }
 
 
+def _ptxas_log(ptxas: str, flags: list[str], ptx: str) -> str:
+    """``ptxas -v`` output for ``ptx``, cached next to Triton's own cache (keyed by ptxas, flags, PTX):
+    Triton's cache makes a repeated compile instant, this makes the repeated ptxas run instant too."""
+    from triton import knobs
+
+    key = hashlib.sha256("\0".join([ptxas, *flags, ptx]).encode()).hexdigest()
+    cache = Path(knobs.cache.dir) / "oodfast-ptxas" / f"{key}.log"
+    if cache.exists():
+        return cache.read_text()
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "k.ptx").write_text(ptx)
+        r = subprocess.run([ptxas, *flags, str(Path(d) / "k.ptx"), "-o", str(Path(d) / "k.cubin")],
+                           capture_output=True, text=True)
+    log = r.stdout + r.stderr
+    if r.returncode:
+        raise RuntimeError(f"ptxas failed: {log}")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(log)
+    tmp.replace(cache)
+    return log
+
+
 def compile_case(case: Case) -> dict:
     """Compile ``case``; figures from ptxas -v (smem from Triton's metadata: it is dynamic shared memory)."""
     import triton
@@ -260,13 +284,7 @@ def compile_case(case: Case) -> dict:
                            options={"num_warps": case.num_warps, "num_stages": case.num_stages})
         ptxas, flags = _ptxas()
         arch = f"sm_{case.cc}a" if case.cc >= 90 else f"sm_{case.cc}"
-        with tempfile.TemporaryDirectory() as d:
-            (Path(d) / "k.ptx").write_text(k.asm["ptx"])
-            r = subprocess.run([ptxas, *flags, f"--gpu-name={arch}", str(Path(d) / "k.ptx"), "-o",
-                                str(Path(d) / "k.cubin")], capture_output=True, text=True)
-        log = r.stdout + r.stderr
-        if r.returncode:
-            raise RuntimeError(f"ptxas failed: {log}")
+        log = _ptxas_log(ptxas, [*flags, f"--gpu-name={arch}"], k.asm["ptx"])
         for key, rx in _PTXAS_RE.items():
             m = rx.search(log)
             out[key] = int(m.group(1)) if m else None

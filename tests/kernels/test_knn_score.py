@@ -104,6 +104,7 @@ TRITON_CASES = [
     (16, 20, 130, 1, 2),
     (3, 33, 50, 50, None),
     (2, 17, 257, 64, 2),
+    (3, 20, 300, 100, 2),  # KPAD = 128: the wide-tile configuration (fp32: [16 x 256] tiles)
 ]
 
 
