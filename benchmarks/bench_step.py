@@ -35,7 +35,7 @@ ON_GPU = DEVICE.startswith("cuda")
 
 def config(tmp_path, **overrides) -> TrainConfig:
     if ON_GPU:
-        return TrainConfig.paper(batch_size_per_gpu=64, epochs=1, epoch_length=64 * 40, calib_size=256,
+        return TrainConfig.paper(batch_size_per_gpu=64, epochs=1, warmup_epochs=0, epoch_length=64 * 40, calib_size=256,
                                  output_dir=str(tmp_path), **overrides)
     return TrainConfig.cpu(batch_size_per_gpu=8, epochs=1, epoch_length=8 * 12, calib_size=16, buffer_size=4,
                            output_dir=str(tmp_path), **overrides)

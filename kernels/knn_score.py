@@ -46,7 +46,7 @@ from torch.library import wrap_triton
 
 from oodfast.kernels._op import LaunchConfig, kernel_op, num_sms
 
-__all__ = ["knn_score", "knn_score_reference", "normalize_bank"]
+__all__ = ["check_bank_normalized", "knn_score", "knn_score_reference", "normalize_bank"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -356,6 +356,28 @@ def knn_score_reference(x: Tensor, bank: Tensor, k: int = 50, *, tile: int = 655
     return torch.where(valid, score, float("nan"))
 
 
+_CHECKED_BANKS: dict[tuple, bool] = {}
+
+
+def check_bank_normalized(bank: Tensor) -> None:
+    """Raise ValueError unless every row of ``bank`` [N, D] has unit L2 norm (to 1e-2 for 16-bit banks,
+    1e-4 for fp32). A host sync, done once per bank storage and version (cached)."""
+    key = (bank.device, bank.data_ptr(), tuple(bank.shape), tuple(bank.stride()), bank.dtype, bank._version)
+    if key in _CHECKED_BANKS:
+        return
+    norms = torch.linalg.vector_norm(bank.float(), dim=1)
+    tol = 1e-4 if bank.dtype == torch.float32 else 1e-2
+    bad = ~((norms - 1).abs() <= tol)  # NaN rows are bad too
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"bank rows must be L2-normalised: row {i} has norm {float(norms[i]):.4g} "
+                         f"({int(bad.sum())} of {bank.shape[0]} rows are not unit vectors); build the bank "
+                         "with normalize_bank(features)")
+    if len(_CHECKED_BANKS) > 64:
+        _CHECKED_BANKS.clear()
+    _CHECKED_BANKS[key] = True
+
+
 def normalize_bank(features: Tensor) -> Tensor:
     """L2-normalise the rows of ``features`` [N, D] in fp32 -> contiguous [N, D] float32 bank.
 
@@ -421,12 +443,19 @@ def knn_score(
             "triton" (force the kernel; on CPU only under ``TRITON_INTERPRET=1``) or "torch" (reference).
 
     Any strides are accepted for ``x``, ``bank`` and ``out`` (they are passed to the kernel, nothing is
-    copied); a row-major bank is the fast layout. No host synchronisation.
+    copied); a row-major bank is the fast layout. No host synchronisation, except once per bank (and
+    again whenever it is modified in place), outside torch.compile: the check that its rows are unit
+    vectors (an unnormalised bank would give similarities above 1 and every score 0).
 
     Returns:
         [B] float32 scores, higher = rarer; NaN for rows of ``x`` with a NaN/inf or all zeros.
+
+    Raises:
+        ValueError: a bad argument, or a bank whose rows are not L2-normalised.
     """
     _check_inputs(x, bank, k, out)
+    if not torch.compiler.is_compiling():
+        check_bank_normalized(bank)
     if out is None:
         out = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
     if backend == "auto":

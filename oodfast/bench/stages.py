@@ -226,7 +226,7 @@ def bench_step(device: torch.device, quick: bool, workdir: Path) -> list[Row]:
         if gpu:
             # 640 synthdrive frames at the default 640x360 (generated once, ~5 s on 16 cores); an epoch
             # of 40 steps cycles through them with fresh permutations
-            return TrainConfig.paper(batch_size_per_gpu=64, epochs=1, epoch_length=64 * (10 if quick else 40),
+            return TrainConfig.paper(batch_size_per_gpu=64, epochs=1, warmup_epochs=0, epoch_length=64 * (10 if quick else 40),
                                      aug=aug, synthetic_spec={"num_images": 640, "seed": 0},
                                      output_dir=str(workdir / "step"), **overrides)
         return TrainConfig.cpu(batch_size_per_gpu=8, epochs=1, epoch_length=8 * 6, calib_size=16, buffer_size=4,

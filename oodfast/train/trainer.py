@@ -55,7 +55,8 @@ from oodfast.data.crops import DEFAULT_RARE_TAU, rare_shares, read_mask
 from oodfast.data.discover import discover
 from oodfast.data.multicrop import MultiCropConfig, multicrop_loader
 from oodfast.detect import DetectorConfig, OracleDetector, RandomDetector, RareDetector, ScoreDetector
-from oodfast.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from oodfast.train.checkpoint import (check_checkpoint_file, check_writable_dir, load_checkpoint, rng_state,
+                                      save_checkpoint, set_rng_state)
 from oodfast.train.config import TrainConfig
 from oodfast.train.distributed import GradientSync, broadcast_from_rank0_, init_distributed
 from oodfast.train.ema import ema_update_
@@ -235,8 +236,9 @@ class Trainer:
             torch.cuda.set_device(self.device)  # before NCCL starts: one GPU per process
         self.rank, self.world = init_distributed(self.device)
         self.progress = progress and self.rank == 0
-        self.out = Path(cfg.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = check_writable_dir(cfg.output_dir, "output_dir")  # refused before any work, not after it
+        if resume is not None:
+            check_checkpoint_file(resume, "resume")
         torch.manual_seed(cfg.seed)  # the models: one initialisation on every rank (rank 0's is broadcast too)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)

@@ -266,3 +266,18 @@ def test_compiled_fullgraph_matches_eager():
     want = step(x, bank, torch.empty(6, device=DEVICE)).cpu()
     assert got.isnan()[2] and got.isnan().sum() == 1
     assert_scores_close(got, want, atol=1e-6)
+
+
+def test_an_unnormalised_bank_is_refused_not_scored_zero():
+    """Similarities above 1 clamp every distance to 0: refused with the row and how to fix it; the
+    check runs once per bank and again after an in-place change."""
+    torch.manual_seed(0)
+    features = torch.randn(64, 16)
+    x = torch.randn(4, 16)
+    with pytest.raises(ValueError, match=r"bank rows must be L2-normalised: row 0 .*normalize_bank"):
+        knn_score(x, features * 3, k=5)
+    bank = normalize_bank(features)
+    assert torch.isfinite(knn_score(x, bank, k=5)).all()
+    bank[7] *= 2  # modified in place: checked again
+    with pytest.raises(ValueError, match="row 7"):
+        knn_score(x, bank, k=5)
