@@ -48,30 +48,31 @@ class Target:
 
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt}
 
-#: The bounds, as the issues state them (kernels: detect; multi-crop: aug; trainer: step / train).
+#: The bounds (kernels: detect; multi-crop: aug; trainer: step / train), as stated for one H200.
 TARGETS: tuple[Target, ...] = (
+    # One H200 (copy 4.3 TB/s, bf16 dense ~790 TFLOP/s measured on this kind of device).
     Target("fused euclidean, B=1024 bf16, eager", "cuda", "detect", FUSED, "euclidean B=1024 ",
-           "us_per_call", "<=", 10, " us", best=min),
+           "us_per_call", "<=", 30, " us", best=min),
     Target("fused euclidean, B=1024 bf16, in a CUDA graph", "cuda", "detect", FUSED_GRAPH,
-           "euclidean B=1024 ", "us_per_call", "<=", 5, " us", best=min),
+           "euclidean B=1024 ", "us_per_call", "<=", 4, " us", best=min),
     Target("fused euclidean, B=65536: share of the copy bandwidth", "cuda", "detect", FUSED,
-           "euclidean B=65536 ", "limit", ">=", 0.80),
+           "euclidean B=65536 ", "limit", ">=", 0.85),
     Target("fused mahalanobis, B=1024", "cuda", "detect", FUSED, "mahalanobis B=1024 ",
-           "us_per_call", "<=", 25, " us", best=min),
+           "us_per_call", "<=", 20, " us", best=min),
     Target("fused knn against a 100k bank (best B)", "cuda", "detect", FUSED, "knn ",
            "items_per_s", ">=", 1e6, " queries/s"),
     Target("DALI GPU multi-crop from 1280x720", "cuda", "aug", dali_path("cuda"), "1280x720", "items_per_s", ">=", 3000,
            " images/s"),
     Target("DALI GPU over the reference (workers = cores)", "cuda", "aug", dali_path("cuda"), "1280x720", "speedup", ">=", 8,
            "x"),
-    Target("DALI GPU: share of decode-only", "cuda", "aug", dali_path("cuda"), "1280x720", "limit", ">=", 0.80),
+    Target("DALI GPU: share of decode-only", "cuda", "aug", dali_path("cuda"), "1280x720", "limit", ">=", 0.85),
     Target("ResNet-50 DINO step, compiled (8 crops per image)", "cuda", "step", COMPILED_STEP, "resnet50 ",
-           "items_per_s", ">=", 1100, " images/s"),
+           "items_per_s", ">=", 1200, " images/s"),
     Target("compiled step over eager", "cuda", "step", COMPILED_STEP, "resnet50 ", "speedup", ">=", 1.15, "x"),
     Target("end to end: share of step-only", "cuda", "train", END_TO_END, "resnet50 ", "limit",
-           ">=", 0.90),
+           ">=", 0.95),
     Target("teacher-detector OOD overhead at equal rows", "cuda", "step", COMPILED_STEP, "resnet50 ", "ood_overhead",
-           "<=", 0.03, best=min),
+           "<=", 0.01, best=min),
     Target("torch scoring over the seed's scipy loop, euclidean B=1024 D=2048", "cpu", "detect", TORCH,
            "euclidean B=1024 D=2048", "speedup", ">=", 100, "x"),
     Target("DALI CPU over the reference", "cpu", "aug", dali_path("cpu"), "", "speedup", ">", 1, "x"),
