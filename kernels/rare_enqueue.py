@@ -257,6 +257,9 @@ def _rare_combine_kernel(ws_ptr, scores_ptr, V, B, n_split, BLOCK: tl.constexpr)
 
 #: Flags per iteration of the finishing program's two passes (B / 1024 iterations each).
 BLOCK_SCAN = 1024
+#: The finishing program's scan width for euclidean / cosine with a ring at BLOCK_M = 32: with 1024
+#: triton 3.6's ptxas spilled 16 B (fp32, sm_80); see launch_config.
+RING_BLOCK_SCAN_M32 = 512
 #: Elements of x per program per iteration for euclidean / cosine: 16 KiB of fp32 over 4 warps
 #: (32 per thread), the tile [BLOCK_M, 4096 / BLOCK_M].
 _TILE = 4096
@@ -288,6 +291,16 @@ def launch_config(metric: int, has_ring: bool, V: int, B: int, D: int, R: int, d
       R = 255: BLOCK_M = 64, 32 x 8 = 256 programs; the old grid ran 32 programs, each over all R).
       ptxas: [64 x 32] tiles at 4 warps use 168 registers on sm_80 with tf32x3, no spills; [64 x 64]
       reached 255 and spilled 24 B.
+    * ring variants (rare_enqueue, the finishing program's scan after phase 1): triton 3.6's ptxas
+      spilled 4-16 B at 4 warps / BLOCK_SCAN = 1024 at low register counts (64-168, not pressure:
+      mahalanobis BLOCK_M = 16 on sm_80/90 and 64 on sm_80, euclidean fp32 BLOCK_M = 32 on sm_80), and
+      other widths moved the spills rather than removing them (512 at 4 warps: cosine fp32 BLOCK_M = 8
+      on sm_90, 12 B; 2048: 4-44 B on sm_90). Hence mahalanobis with a ring runs 8 warps (phase 1 and
+      the scan), euclidean / cosine at BLOCK_M = 32 scan 512 flags per iteration. ptxas -v (registers
+      / spill B), triton 3.6: mahalanobis BLOCK_M = 16 96 / 4-8 -> 80 / 0 (sm_90a and sm_80), BLOCK_M
+      = 64 bf16 on sm_80 168 / 4 -> 176 / 0, euclidean fp32 BLOCK_M = 32 on sm_80 128 / 16 -> 138 / 0;
+      every mahalanobis ring configuration 78-182 registers at 8 warps (3.8: 64-128), euclidean /
+      cosine BLOCK_M = 32 92-153 (3.8: 80-154); no spills on either.
       The projections run in "tf32x3" on CUDA (three TF32 MMAs: fp32 accuracy, ~1e-6 relative, on
       the tensor cores; plain TF32 cost ~5e-4 and changed flags near the threshold), exact fp32
       ("ieee") in the interpreter.
@@ -305,7 +318,7 @@ def launch_config(metric: int, has_ring: bool, V: int, B: int, D: int, R: int, d
                             dict(METRIC=metric, HAS_RING=ring,
                                  DOT_PRECISION="tf32x3" if device_type == "cuda" else "ieee",
                                  BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_SCAN=BLOCK_SCAN),
-                            num_warps=4, num_stages=3, params=dict(n_split=n_split))
+                            num_warps=8 if ring else 4, num_stages=3, params=dict(n_split=n_split))
         if ring:
             return [main]
         return [main, LaunchConfig("_rare_combine_kernel", (triton.cdiv(B, BLOCK_SCAN),),
@@ -319,9 +332,10 @@ def launch_config(metric: int, has_ring: bool, V: int, B: int, D: int, R: int, d
         per_sm = B // (2 * max(1, sm_count))
         block_m = 32 if per_sm >= 32 else 8 if per_sm >= 8 else 2
         block_d = max(128, min(1024, _TILE // block_m))
+    scan = RING_BLOCK_SCAN_M32 if ring and block_m == 32 else BLOCK_SCAN
     return [LaunchConfig("_rare_enqueue_kernel", (triton.cdiv(B, block_m), 1),
                          dict(METRIC=metric, HAS_RING=ring, DOT_PRECISION="ieee",
-                              BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=16, BLOCK_SCAN=BLOCK_SCAN),
+                              BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=16, BLOCK_SCAN=scan),
                          num_warps=4, num_stages=3, params=dict(n_split=1))]
 
 
