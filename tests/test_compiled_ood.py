@@ -44,7 +44,9 @@ def test_compiled_step_matches_eager_with_no_graph_break_or_recompile():
             (e_sum, e_scores, e_slots), (c_sum, c_scores, c_slots) = outs
             torch.testing.assert_close(c_scores, e_scores)
             assert torch.equal(c_slots, e_slots)
-            torch.testing.assert_close(c_sum, e_sum)
+            # the same crops in the same slots, exactly; the compiled sum may add them in another order
+            assert all(torch.equal(c, e) for c, e in zip(comp_ring.views(), eager_ring.views()))
+            torch.testing.assert_close(c_sum, e_sum, rtol=1e-5, atol=1e-4)
     assert torch.equal(comp_ring.state, eager_ring.state) and int(comp_ring.state[2]) > 0
     torch.testing.assert_close(comp_det.threshold, eager_det.threshold)  # the online threshold moved alike
     assert not torch.equal(comp_det.threshold, build("mahalanobis")[0].threshold)
