@@ -12,6 +12,7 @@ import torch
 import torch._dynamo
 from torchvision import models
 
+from oodfast.bench.stages import prepared_trainer as staged  # calibrated, warmed up, one batch staged
 from oodfast.detect import RandomDetector, RareDetector
 from oodfast.train.checkpoint import CheckpointError, load_checkpoint
 from oodfast.train.config import TrainConfig
@@ -56,15 +57,6 @@ def no_host_reads():
     finally:
         for n, f in saved.items():
             setattr(torch.Tensor, n, f)
-
-
-def staged(trainer: Trainer) -> Trainer:
-    """Calibrated, warmed up, one loader batch staged: ready for ``run_step``."""
-    trainer.calibrate()
-    trainer.warm_up()
-    batch = next(iter(trainer.loader))
-    trainer._stage(batch.views, batch.index, batch.boxes)
-    return trainer
 
 
 def test_a_step_never_reads_a_tensor_on_the_host(data_root, tmp_path):
