@@ -24,8 +24,8 @@ import torch
 
 from oodfast.bench.harness import copy_bandwidth_gbps, cuda_graphed, sync
 from oodfast.detect import DetectorConfig, RareDetector
-from oodfast.kernels.rare_enqueue import rare_score_reference
-from oodfast.seed import _euclidean
+from oodfast.kernels.rare_enqueue import rare_score_torch
+from oodfast.paper import _euclidean
 
 DEVICE = os.environ.get("OODFAST_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.startswith("cuda")
@@ -92,11 +92,11 @@ def test_torch_reference(benchmark, metric, B, copy_bandwidth):
     x = torch.randn(B, D, device=DEVICE, dtype=DTYPE)
     benchmark.group = f"{metric} B={B}"
     if metric == "knn":
-        from oodfast.kernels.knn_score import knn_score_reference
+        from oodfast.kernels.knn_score import knn_score_torch
 
-        fn = lambda: knn_score_reference(x, det.bank, det.config.knn_k)  # noqa: E731
+        fn = lambda: knn_score_torch(x, det.bank, det.config.knn_k)  # noqa: E731
     else:
-        fn = lambda: rare_score_reference(x, det.center, det.proj, det.coef, det.alpha, det.metric_id)  # noqa: E731
+        fn = lambda: rare_score_torch(x, det.center, det.proj, det.coef, det.alpha, det.metric_id)  # noqa: E731
     run(benchmark, fn, B, copy_bandwidth)
 
 

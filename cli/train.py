@@ -81,8 +81,9 @@ def _dino_options(fn):
               help="--data synthetic: frame size WxH (default 640x360).")
 @click.option("--preset", type=click.Choice(["auto", "paper", "cpu"]), default="auto", show_default=True,
               help="auto: the paper's recipe on a GPU, a small resnet18 run on a CPU.")
-@click.option("--aug", type=click.Choice(["dali", "reference", "torch"]), default=None,
-              help="Multi-crop backend: DALI (default), the seed's PIL path, or torchvision on the device.")
+@click.option("--aug", type=click.Choice(["dali", "paper", "torch", "reference"]), default=None,
+              help="Multi-crop backend: DALI (default), the paper's PIL path (also spelled reference), "
+                   "or torchvision on the device.")
 @click.option("--detector", type=click.Choice(["teacher", "frozen"]), default=None,
               help="teacher: reuse the teacher's embedding of the global crops (no extra forward); "
                    "frozen: a separate frozen ResNet-50 from --detector-weights (the paper).")

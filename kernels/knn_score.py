@@ -46,7 +46,7 @@ from torch.library import wrap_triton
 
 from oodfast.kernels._op import LaunchConfig, kernel_op, num_sms
 
-__all__ = ["check_bank_normalized", "knn_score", "knn_score_reference", "normalize_bank"]
+__all__ = ["check_bank_normalized", "knn_score", "knn_score_torch", "normalize_bank"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -324,7 +324,7 @@ def _knn_score_triton(x: Tensor, bank: Tensor, k: int, out: Tensor, *, num_split
 # ------------------------------------------------------------------------------------------------
 
 
-def knn_score_reference(x: Tensor, bank: Tensor, k: int = 50, *, tile: int = 65536) -> Tensor:
+def knn_score_torch(x: Tensor, bank: Tensor, k: int = 50, *, tile: int = 65536) -> Tensor:
     """kNN OOD score in pure torch, on any device.
 
     Args:
@@ -409,7 +409,7 @@ def _knn_score_out_body(x: Tensor, bank: Tensor, k: int, out: Tensor) -> None:
     # (decomposes) for every device, bypassing register_kernel("cpu"): CPU tensors must trace into the
     # reference, not into a Triton launch Inductor cannot codegen for CPU.
     if x.device.type != "cuda" or _next_pow2(k) > _MAX_KPAD:
-        out.copy_(knn_score_reference(x, bank, k))  # still tiled: never B x N
+        out.copy_(knn_score_torch(x, bank, k))  # still tiled: never B x N
         return
     _knn_score_triton(x, bank, k, out)
 
@@ -419,7 +419,7 @@ _knn_score_out = kernel_op("oodfast::knn_score_out", mutates_args=("out",))(_knn
 
 @_knn_score_out.register_kernel("cpu")
 def _knn_score_out_cpu(x: Tensor, bank: Tensor, k: int, out: Tensor) -> None:
-    out.copy_(knn_score_reference(x, bank, k))
+    out.copy_(knn_score_torch(x, bank, k))
 
 
 _knn_score_out.register_fake(lambda *args: None)  # mutation only, no outputs
@@ -463,7 +463,7 @@ def knn_score(
     elif backend == "triton":
         _knn_score_triton(x, bank, k, out)
     elif backend == "torch":
-        out.copy_(knn_score_reference(x, bank, k))
+        out.copy_(knn_score_torch(x, bank, k))
     else:
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch'; got {backend!r}")
     return out

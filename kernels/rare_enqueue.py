@@ -427,14 +427,14 @@ def _launch(x, center, proj, coef, alpha, threshold, sample_ids, step, scores, s
 # Pure-torch reference: the same contract, written for clarity.
 # ------------------------------------------------------------------------------------------------
 
-def rare_score_reference(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor, coef: torch.Tensor,
+def rare_score_torch(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor, coef: torch.Tensor,
                          alpha: torch.Tensor, metric: int) -> torch.Tensor:
     """Scores [B] fp32 of ``x`` [B, D] or [V, B, D] (the max over views; see the module docstring).
 
     NaN for an image with a non-finite element in any view (or a score that overflows fp32).
     """
     if x.dim() == 3:
-        return torch.stack([rare_score_reference(xv, center, proj, coef, alpha, metric) for xv in x]).amax(0)
+        return torch.stack([rare_score_torch(xv, center, proj, coef, alpha, metric) for xv in x]).amax(0)
     x = x.float()
     if metric == SCORE:
         score = x[:, 0].clone()
@@ -449,10 +449,10 @@ def rare_score_reference(x: torch.Tensor, center: torch.Tensor, proj: torch.Tens
     return torch.where(torch.isfinite(score), score, float("nan"))
 
 
-def rare_enqueue_reference(x, center, proj, coef, alpha, threshold, sample_ids, step, scores, slots,
+def rare_enqueue_torch(x, center, proj, coef, alpha, threshold, sample_ids, step, scores, slots,
                            ring_ids, ring_scores, ring_steps, state, scratch, metric: int) -> None:
     """In-place reference of :func:`rare_enqueue` (runs for CPU tensors; mirrors the kernel exactly)."""
-    score = rare_score_reference(x, center, proj, coef, alpha, metric)
+    score = rare_score_torch(x, center, proj, coef, alpha, metric)
     finite = ~torch.isnan(score)
     flag = finite & (score > threshold)
     C = ring_ids.shape[0]
@@ -485,7 +485,7 @@ def _rare_enqueue_body(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor
     # for every device, bypassing register_kernel("cpu"): CPU tensors must trace into the reference,
     # not into a Triton launch.
     if x.device.type != "cuda":
-        rare_enqueue_reference(x, center, proj, coef, alpha, threshold, sample_ids, step, scores, slots,
+        rare_enqueue_torch(x, center, proj, coef, alpha, threshold, sample_ids, step, scores, slots,
                                ring_ids, ring_scores, ring_steps, state, scratch, metric)
         return
     _launch(x, center, proj, coef, alpha, threshold, sample_ids, step, scores, slots,
@@ -494,7 +494,7 @@ def _rare_enqueue_body(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor
 
 RARE_ENQUEUE_MUTATES = ("scores", "slots", "ring_ids", "ring_scores", "ring_steps", "state", "scratch")
 _rare_enqueue_op = kernel_op("oodfast::rare_enqueue", mutates_args=RARE_ENQUEUE_MUTATES)(_rare_enqueue_body)
-_rare_enqueue_op.register_kernel("cpu")(rare_enqueue_reference)
+_rare_enqueue_op.register_kernel("cpu")(rare_enqueue_torch)
 
 
 @_rare_enqueue_op.register_fake
@@ -528,7 +528,7 @@ def rare_enqueue(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor, coef
     elif backend == "triton":
         _launch(*args, has_ring=True)
     elif backend == "torch":
-        rare_enqueue_reference(*args)
+        rare_enqueue_torch(*args)
     else:
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
 
@@ -543,7 +543,7 @@ def _launch_score(x, center, proj, coef, alpha, scores, metric: int) -> None:
 def _rare_score_body(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor, coef: torch.Tensor,
                      alpha: torch.Tensor, scores: torch.Tensor, metric: int) -> None:
     if x.device.type != "cuda":  # static metadata: see _rare_enqueue_body
-        scores.copy_(rare_score_reference(x, center, proj, coef, alpha, metric))
+        scores.copy_(rare_score_torch(x, center, proj, coef, alpha, metric))
         return
     _launch_score(x, center, proj, coef, alpha, scores, metric)
 
@@ -556,7 +556,7 @@ _rare_score_op.register_fake(lambda *args: None)  # mutation only (see rare_enqu
 
 @_rare_score_op.register_kernel("cpu")
 def _rare_score_cpu(x, center, proj, coef, alpha, scores, metric):
-    scores.copy_(rare_score_reference(x, center, proj, coef, alpha, metric))
+    scores.copy_(rare_score_torch(x, center, proj, coef, alpha, metric))
 
 
 def rare_score(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor, coef: torch.Tensor, alpha: torch.Tensor,
@@ -574,7 +574,7 @@ def rare_score(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor, coef: 
     elif backend == "triton":
         _launch_score(x, center, proj, coef, alpha, out, metric)
     elif backend == "torch":
-        out.copy_(rare_score_reference(x, center, proj, coef, alpha, metric))
+        out.copy_(rare_score_torch(x, center, proj, coef, alpha, metric))
     else:
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     return out

@@ -113,7 +113,7 @@ def _launch(slots, src0, dst0, src1, dst1) -> None:
     )
 
 
-def ring_copy_reference(slots: torch.Tensor, src0: torch.Tensor, dst0: torch.Tensor,
+def ring_copy_torch(slots: torch.Tensor, src0: torch.Tensor, dst0: torch.Tensor,
                         src1: torch.Tensor | None = None, dst1: torch.Tensor | None = None) -> None:
     """Pure-torch reference, static shapes and no host sync (torch.compile traces it with fullgraph):
     each ring slot c takes the row b with ``slots[b] == c`` (at most one), or keeps its contents."""
@@ -130,13 +130,13 @@ def _ring_copy_body(slots: torch.Tensor, src0: torch.Tensor, dst0: torch.Tensor,
     # Branches on static metadata only. With a GPU this is a triton_op, whose body torch.compile traces
     # for every device, bypassing register_kernel("cpu"): CPU tensors must trace into the reference.
     if slots.device.type != "cuda":
-        ring_copy_reference(slots, src0, dst0, src1, dst1)
+        ring_copy_torch(slots, src0, dst0, src1, dst1)
         return
     _launch(slots, src0, dst0, src1, dst1)
 
 
 _ring_copy_op = kernel_op("oodfast::ring_copy", mutates_args=("dst0", "dst1"))(_ring_copy_body)
-_ring_copy_op.register_kernel("cpu")(ring_copy_reference)
+_ring_copy_op.register_kernel("cpu")(ring_copy_torch)
 # Mutation only, no outputs; explicit so tracing never runs Triton's interpreter on fake tensors.
 _ring_copy_op.register_fake(lambda *args: None)
 
@@ -159,6 +159,6 @@ def ring_copy(slots: torch.Tensor, src0: torch.Tensor, dst0: torch.Tensor,
     elif backend == "triton":
         _launch(slots, src0, dst0, src1, dst1)
     elif backend == "torch":
-        ring_copy_reference(slots, src0, dst0, src1, dst1)
+        ring_copy_torch(slots, src0, dst0, src1, dst1)
     else:
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")

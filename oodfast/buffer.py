@@ -66,12 +66,12 @@ class RareRing(nn.Module):
         self.register_buffer("scratch", torch.zeros(2, dtype=torch.int32, device=device), persistent=False)
 
     @classmethod
-    def for_multicrop(cls, capacity: int = 32, *, n_global: int = 2, global_size: int = 224, n_local: int = 6,
+    def for_multicrop(cls, capacity: int = 32, *, n_global: int = 2, global_size: int = 224, local_crops_number: int = 6,
                       local_size: int = 96, channels: int = 3, **kwargs) -> RareRing:
-        """A ring for DINO's multi-crop: ``n_global`` views at ``global_size``, ``n_local`` at ``local_size``."""
+        """A ring for DINO's multi-crop: ``n_global`` views at ``global_size``, ``local_crops_number`` at ``local_size``."""
         groups: list[Group] = [(n_global, (channels, global_size, global_size))]
-        if n_local:
-            groups.append((n_local, (channels, local_size, local_size)))
+        if local_crops_number:
+            groups.append((local_crops_number, (channels, local_size, local_size)))
         return cls(capacity, groups, **kwargs)
 
     # ---- views of the storage ----------------------------------------------------------------

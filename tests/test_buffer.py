@@ -13,7 +13,7 @@ def views(B, value=0.0):
 
 
 def test_tail_mode_serves_batch_and_ring_without_copies():
-    ring = RareRing.for_multicrop(4, global_size=8, n_local=3, local_size=4, batch_size=5)
+    ring = RareRing.for_multicrop(4, global_size=8, local_crops_number=3, local_size=4, batch_size=5)
     ring.stage(views(5, value=10.0))
     out = ring.views()
     assert [tuple(v.shape) for v in out] == [(9, 3, 8, 8)] * 2 + [(9, 3, 4, 4)] * 3
@@ -47,17 +47,17 @@ def test_partial_ring_mixes_only_valid_entries_oldest_first():
 
 
 def test_state_dict_keeps_the_ring_not_the_staging_rows():
-    ring = RareRing.for_multicrop(2, global_size=8, n_local=3, local_size=4, batch_size=64)
+    ring = RareRing.for_multicrop(2, global_size=8, local_crops_number=3, local_size=4, batch_size=64)
     for k in range(3):
         ring.append([v[0] for v in views(1, value=float(k))], sample_id=k, score=0.5 * k, step=k)
     state = ring.state_dict()
     assert state["crops0"].shape == (2, 2, 3, 8, 8) and state["crops1"].shape == (3, 2, 3, 4, 4)
     assert "scratch" not in state
-    other = RareRing.for_multicrop(2, global_size=8, n_local=3, local_size=4, batch_size=64)
+    other = RareRing.for_multicrop(2, global_size=8, local_crops_number=3, local_size=4, batch_size=64)
     other.load_state_dict(state)
     assert torch.equal(other.ring_rows(0), ring.ring_rows(0)) and torch.equal(other.ring_rows(1), ring.ring_rows(1))
     assert torch.equal(other.state, ring.state) and other.ring_ids.tolist() == ring.ring_ids.tolist()
-    wrong = RareRing.for_multicrop(3, global_size=8, n_local=3, local_size=4)
+    wrong = RareRing.for_multicrop(3, global_size=8, local_crops_number=3, local_size=4)
     with pytest.raises(RuntimeError, match="capacity/views/crop size must match"):
         wrong.load_state_dict(state)
 
@@ -67,7 +67,7 @@ def test_bad_construction_and_views_are_refused():
         RareRing(0, [(1, (2,))])
     with pytest.raises(ValueError, match="one or two resolution groups"):
         RareRing(2, [(1, (2,))] * 3)
-    ring = RareRing.for_multicrop(2, global_size=8, n_local=3, local_size=4, batch_size=5)
+    ring = RareRing.for_multicrop(2, global_size=8, local_crops_number=3, local_size=4, batch_size=5)
     with pytest.raises(ValueError, match="expected 5 views"):
         ring.stage(views(5)[:4])
     with pytest.raises(ValueError, match="view 2 has crops of shape"):

@@ -1,4 +1,4 @@
-"""The drop-in OODDetector / MemoryBuffer against the seed's behaviour (oodfast.seed)."""
+"""The drop-in OODDetector / MemoryBuffer against the seed's behaviour (oodfast.paper)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 from torchvision import models
 
 from oodfast.compat import MemoryBuffer, OODDetector, load_resnet50_trunk
-from oodfast.seed import SeedMemoryBuffer, SeedOODDetector
+from oodfast.paper import PaperMemoryBuffer, PaperOODDetector
 
 
 def tiny_encoder() -> nn.Module:
@@ -26,9 +26,9 @@ def images(n: int, seed: int, size=(3, 96, 128)) -> list[torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def detectors() -> tuple[OODDetector, SeedOODDetector]:
+def detectors() -> tuple[OODDetector, PaperOODDetector]:
     enc = tiny_encoder()
-    ours, seed = OODDetector("cpu", threshold=0.9, encoder=enc), SeedOODDetector(enc, "cpu", threshold=0.9)
+    ours, seed = OODDetector("cpu", threshold=0.9, encoder=enc), PaperOODDetector(enc, "cpu", threshold=0.9)
     calib = images(60, seed=1) + images(20, seed=2, size=(3, 150, 100))
     ours.compute_dataset_stats(calib)
     seed.compute_dataset_stats(calib)
@@ -79,7 +79,7 @@ def entry(k: int) -> list[torch.Tensor]:
 
 
 def test_memory_buffer_keeps_the_seeds_fifo():
-    ours, seed = MemoryBuffer(32), SeedMemoryBuffer(32)
+    ours, seed = MemoryBuffer(32), PaperMemoryBuffer(32)
     for k in range(45):
         ours.add(entry(k))
         seed.add(entry(k))
@@ -91,7 +91,7 @@ def test_memory_buffer_keeps_the_seeds_fifo():
 
 
 def test_concat_keeps_positive_pairs_which_the_seed_breaks():
-    ours, seed = MemoryBuffer(32), SeedMemoryBuffer(32)
+    ours, seed = MemoryBuffer(32), PaperMemoryBuffer(32)
     for k in range(32):
         ours.add(entry(k))
         seed.add(entry(k))

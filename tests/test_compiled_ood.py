@@ -13,7 +13,7 @@ def build(metric: str):
     torch.manual_seed(0)
     det = RareDetector(16, DetectorConfig(metric=metric, percentile=0.7, online=True))
     det.fit(torch.randn(200, 16))
-    ring = RareRing.for_multicrop(4, global_size=8, n_local=2, local_size=4, batch_size=6)
+    ring = RareRing.for_multicrop(4, global_size=8, local_crops_number=2, local_size=4, batch_size=6)
     return det, ring
 
 

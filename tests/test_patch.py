@@ -10,13 +10,13 @@ from torch import nn
 
 from oodfast import compat
 from oodfast.patch import apply_oodfast, oodfast_patched
-from oodfast.seed import SeedMemoryBuffer, SeedOODDetector
+from oodfast.paper import PaperMemoryBuffer, PaperOODDetector
 
 
 def fake_main_dino() -> types.ModuleType:
     """A module that imported the seed's classes by name, as main_dino.py does."""
     mod = types.ModuleType("main_dino")
-    mod.OODDetector, mod.MemoryBuffer = SeedOODDetector, SeedMemoryBuffer
+    mod.OODDetector, mod.MemoryBuffer = PaperOODDetector, PaperMemoryBuffer
 
     def train_one_epoch(images, ood, memory_buffer):  # the seed's loop body
         for idx in ood.detect([images[0], images[1]]):
@@ -43,14 +43,14 @@ def test_patched_loop_runs_with_the_fused_pieces_and_reverts():
     assert [m.shape[0] for m in mixed] == [6 + len(buf.buffer)] * 5
 
     revert()
-    assert mod.OODDetector is SeedOODDetector and mod.MemoryBuffer is SeedMemoryBuffer
+    assert mod.OODDetector is PaperOODDetector and mod.MemoryBuffer is PaperMemoryBuffer
 
 
 def test_context_manager_flags_and_errors():
     mod = fake_main_dino()
     with oodfast_patched(mod, detector=False):
-        assert mod.OODDetector is SeedOODDetector and mod.MemoryBuffer is compat.MemoryBuffer
-    assert mod.MemoryBuffer is SeedMemoryBuffer
+        assert mod.OODDetector is PaperOODDetector and mod.MemoryBuffer is compat.MemoryBuffer
+    assert mod.MemoryBuffer is PaperMemoryBuffer
     with pytest.raises(AttributeError, match="has no OODDetector"):
         apply_oodfast(types.ModuleType("elsewhere"), buffer=False)
     with oodfast_patched(mod):  # no weights and no encoder: the clear error, not a hub download

@@ -72,9 +72,9 @@ def bench_detect(device: torch.device, quick: bool) -> list[Row]:
     Triton op eagerly and replayed from a CUDA graph. ``speedup`` is over the seed's loop where it ran,
     ``vs_torch`` over the torch reference; ``limit`` is the share of the copy bandwidth (GPU)."""
     from oodfast.detect import DetectorConfig, RareDetector
-    from oodfast.kernels.knn_score import knn_score_reference
-    from oodfast.kernels.rare_enqueue import rare_score_reference
-    from oodfast.seed import _euclidean
+    from oodfast.kernels.knn_score import knn_score_torch
+    from oodfast.kernels.rare_enqueue import rare_score_torch
+    from oodfast.paper import _euclidean
 
     gpu = device.type == "cuda"
     D = 2048
@@ -101,9 +101,9 @@ def bench_detect(device: torch.device, quick: bool) -> list[Row]:
                 mean = det.center.unsqueeze(0)
                 paths.append((SEED_SCORE, lambda x=x, mean=mean: [_euclidean(r, mean) for r in x]))
             if metric == "knn":
-                paths.append((TORCH, lambda x=x, det=det: knn_score_reference(x, det.bank, det.config.knn_k)))
+                paths.append((TORCH, lambda x=x, det=det: knn_score_torch(x, det.bank, det.config.knn_k)))
             else:
-                paths.append((TORCH, lambda x=x, det=det: rare_score_reference(
+                paths.append((TORCH, lambda x=x, det=det: rare_score_torch(
                     x, det.center, det.proj, det.coef, det.alpha, det.metric_id)))
             fused = lambda x=x, det=det, out=out: det.score(x, out=out)  # noqa: E731
             if gpu:
@@ -173,11 +173,11 @@ def ring_case(device: torch.device, B: int, C: int, flagged: int, dtype: torch.d
     B images x 8 views, ``flagged`` of them rare; both buffers start full."""
     from oodfast.buffer import RareRing
     from oodfast.detect import DetectorConfig, RareDetector
-    from oodfast.seed import SeedMemoryBuffer
+    from oodfast.paper import PaperMemoryBuffer
 
     views = [torch.randn(B, 3, 224, 224, device=device, dtype=dtype) for _ in range(2)] + \
             [torch.randn(B, 3, 96, 96, device=device, dtype=dtype) for _ in range(6)]
-    seed_buf = SeedMemoryBuffer(C)
+    seed_buf = PaperMemoryBuffer(C)
     for k in range(C):
         seed_buf.add([v[k % B] for v in views])
 
@@ -329,7 +329,7 @@ def bench_aug(device: torch.device, quick: bool, workdir: Path) -> list[Row]:
     # The reference keeps one pass (it re-spawns its workers every epoch, as the seed does).
     fast_epoch = 4 * len(files.images) if gpu and not quick else None
     loads = (HW_DECODER_LOADS if not quick else (DEFAULT_HW_DECODER_LOAD,)) if gpu else (None,)
-    runs: list[tuple[str, str, dict[str, Any], int | None]] = [(SEED_AUG, "reference", {}, None)]
+    runs: list[tuple[str, str, dict[str, Any], int | None]] = [(SEED_AUG, "paper", {}, None)]
     runs += [(dali_load_path(device, load) if gpu else dali_path(device), "dali",
               {"hw_decoder_load": load} if gpu else {}, fast_epoch) for load in loads]
     if gpu:

@@ -60,7 +60,9 @@ from oodfast.data.imageio import ImageFileError
 
 log = logging.getLogger(__name__)
 
-BACKENDS: tuple[str, ...] = ("dali", "reference", "torch")
+BACKENDS: tuple[str, ...] = ("dali", "paper", "torch")
+#: Earlier spellings still accepted.
+BACKEND_ALIASES = {"reference": "paper"}
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -126,7 +128,7 @@ class MultiCropConfig:
     Attributes:
         global_size, local_size: output size, an int (square) or (height, width).
         global_scale, local_scale: RandomResizedCrop area range, as a share of the source image.
-        n_local: number of local views.
+        local_crops_number: number of local views.
         ratio: RandomResizedCrop aspect-ratio (width / height) range, shared by all views.
         global1, global2, local: photometric settings of each kind of view.
         mean, std: normalisation, applied to [0, 1] pixels.
@@ -138,7 +140,7 @@ class MultiCropConfig:
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_size: int | tuple[int, int] = 96
     local_scale: tuple[float, float] = (0.05, 0.4)
-    n_local: int = 6
+    local_crops_number: int = 6
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     global1: ViewAug = field(default_factory=lambda: ViewAug(blur_p=1.0))
     global2: ViewAug = field(default_factory=lambda: ViewAug(blur_p=0.1, solarize_p=0.2))
@@ -159,8 +161,8 @@ class MultiCropConfig:
         for name in ("global_size", "local_size"):
             if min(_hw(getattr(self, name))) < 1:
                 raise ValueError(f"MultiCropConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.n_local < 0:
-            raise ValueError(f"MultiCropConfig.n_local must be >= 0, got {self.n_local}")
+        if self.local_crops_number < 0:
+            raise ValueError(f"MultiCropConfig.local_crops_number must be >= 0, got {self.local_crops_number}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"MultiCropConfig.dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -182,20 +184,20 @@ class MultiCropConfig:
         placed in every image); here they are ordinary RandomResizedCrops of the source image.
         """
         plain = ViewAug().off()
-        base: dict[str, Any] = dict(global_scale=(0.3, 1.0), local_scale=(0.1, 0.3), n_local=6,
+        base: dict[str, Any] = dict(global_scale=(0.3, 1.0), local_scale=(0.1, 0.3), local_crops_number=6,
                                     global1=plain, global2=plain, local=ViewAug(blur_p=0.5))
         base.update(overrides)
         return cls(**base)
 
     @property
     def n_views(self) -> int:
-        return self.n_global + self.n_local
+        return self.n_global + self.local_crops_number
 
     def view_kinds(self) -> list[tuple[str, ViewAug, tuple[int, int], tuple[float, float]]]:
         """One (name, ViewAug, (height, width), scale) per output view, global views first."""
         g, lo = _hw(self.global_size), _hw(self.local_size)
         kinds = [("global1", self.global1, g, self.global_scale), ("global2", self.global2, g, self.global_scale)]
-        kinds += [(f"local{i}", self.local, lo, self.local_scale) for i in range(self.n_local)]
+        kinds += [(f"local{i}", self.local, lo, self.local_scale) for i in range(self.local_crops_number)]
         return kinds
 
     def without_augmentation(self) -> MultiCropConfig:
@@ -890,7 +892,7 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-ALTERNATIVE_BACKENDS = ("choose another backend: --aug torch (torchvision on the device) or --aug reference "
+ALTERNATIVE_BACKENDS = ("choose another backend: --aug torch (torchvision on the device) or --aug paper "
                         "(the seed's PIL path)")
 
 
@@ -955,6 +957,7 @@ def multicrop_loader(
     config = config or MultiCropConfig.dino()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    backend = BACKEND_ALIASES.get(backend, backend)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     shard_id, num_shards = resolve_shard(shard_id, num_shards)
@@ -969,7 +972,7 @@ def multicrop_loader(
     if unknown:
         raise ValueError(f"option(s) {', '.join(sorted(unknown))} are not understood by backend={backend!r} "
                          f"(the DALI backend takes {', '.join(sorted(dali_options))})")
-    if debug and backend == "reference":
+    if debug and backend == "paper":
         raise ValueError("debug=True needs backend='dali' or 'torch': the reference draws its decisions "
                          "inside torchvision and cannot return them")
     load = backend_options.get("hw_decoder_load", 0.65)
@@ -986,7 +989,7 @@ def multicrop_loader(
         require_dali()
         return DaliMultiCropLoader(paths, config, batch_size, num_threads=num_workers, debug=debug,
                                    zero_copy=zero_copy, **common, **backend_options)
-    if backend == "reference":
+    if backend == "paper":
         from oodfast.data.reference_multicrop import ReferenceMultiCropLoader
 
         return ReferenceMultiCropLoader(paths, config, batch_size, num_workers=num_workers, **common)

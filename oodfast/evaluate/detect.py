@@ -95,7 +95,7 @@ def embed_global_crops(encoder: nn.Module, files: DatasetFiles, *, n_images: int
     pick = np.sort(np.random.default_rng(seed).permutation(len(files))[:n])
     images = [files.images[i] for i in pick]
     masks = [files.masks[i] for i in pick]
-    cfg = MultiCropConfig.bdd10k(n_local=0, global_size=crop_size)
+    cfg = MultiCropConfig.bdd10k(local_crops_number=0, global_size=crop_size)
     bs = max(1, min(batch_size, n))
     loader = multicrop_loader(images, cfg, bs, device=device, seed=seed, backend="dali", num_shards=1, shard_id=0)
     feats, shares = [], []

@@ -19,7 +19,9 @@ from typing import Any
 DETECTOR_MODES = ("teacher", "frozen")
 REPLAY_MODES = ("ood", "random", "oracle", "none")
 THRESHOLD_MODES = ("fixed", "online")
-AUG_BACKENDS = ("dali", "reference", "torch")
+AUG_BACKENDS = ("dali", "paper", "torch")
+#: Earlier spellings still accepted, mapped to their name in AUG_BACKENDS.
+AUG_ALIASES = {"reference": "paper"}
 METRICS = ("euclidean", "cosine", "mahalanobis", "knn")
 
 
@@ -136,7 +138,7 @@ class TrainConfig:
     """One training run. Field names follow facebookresearch/dino's arguments where it has one.
 
     Data: ``data`` (synthetic | bdd100k | bdd10k | folder), ``data_root``, ``split``, ``aug``
-    (dali | reference | torch), ``epoch_length`` (images per epoch, default the dataset size).
+    (dali | paper | torch; ``reference`` is accepted for ``paper``), ``epoch_length`` (images per epoch, default the dataset size).
 
     Model (DINO): ``arch``, ``out_dim``, ``norm_last_layer``; crops: ``global_size``, ``local_size``,
     ``global_crops_scale``, ``local_crops_scale``, ``local_crops_number``.
@@ -217,6 +219,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Every field checked against :data:`FIELD_RANGES` (and the choices and cross-field limits
         below): a bad value raises :class:`ConfigError` naming the field, never a NaN run."""
+        if self.aug in AUG_ALIASES:
+            object.__setattr__(self, "aug", AUG_ALIASES[self.aug])
         for name in FIELD_RANGES:
             check_field(name, getattr(self, name))
         choices = {"replay": REPLAY_MODES, "detector": DETECTOR_MODES, "threshold": THRESHOLD_MODES,

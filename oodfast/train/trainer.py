@@ -249,7 +249,7 @@ class Trainer:
                               require_masks=cfg.replay == "oracle")
         self.crops = MultiCropConfig.dino(
             global_size=cfg.global_size, local_size=cfg.local_size, global_scale=tuple(cfg.global_crops_scale),
-            local_scale=tuple(cfg.local_crops_scale), n_local=cfg.local_crops_number,
+            local_scale=tuple(cfg.local_crops_scale), local_crops_number=cfg.local_crops_number,
             dtype=crop_dtype(self.on_cuda, cfg.bf16))
         self.B = cfg.batch_size_per_gpu
         self.loader = self._loader(self.files, cfg.seed, cfg.epoch_length, zero_copy=True)
@@ -302,7 +302,7 @@ class Trainer:
         self.encoder: nn.Module | None = None
         if cfg.uses_ring:
             self.ring = RareRing.for_multicrop(
-                cfg.buffer_size, global_size=cfg.global_size, n_local=cfg.local_crops_number,
+                cfg.buffer_size, global_size=cfg.global_size, local_crops_number=cfg.local_crops_number,
                 local_size=cfg.local_size, batch_size=self.B, dtype=self.crops.torch_dtype(self.device),
                 device=self.device)
             if cfg.replay == "random":

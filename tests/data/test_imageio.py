@@ -23,7 +23,7 @@ from oodfast.data.imageio import MAX_PIXELS_ENV, ImageFileError, load_rgb8, max_
 from oodfast.data.multicrop import MultiCropConfig, MultiCropDataError, multicrop_loader
 
 SIZE = (64, 48)
-CFG = MultiCropConfig(global_size=24, local_size=12, n_local=1).without_augmentation()
+CFG = MultiCropConfig(global_size=24, local_size=12, local_crops_number=1).without_augmentation()
 MEAN = torch.tensor(CFG.mean).view(1, 3, 1, 1)
 STD = torch.tensor(CFG.std).view(1, 3, 1, 1)
 BACKENDS = ["dali", "reference", "torch"]

@@ -76,7 +76,7 @@ def test_views_shapes_dtypes_ranges(files: list[Path]) -> None:
 
 def test_config_presets_and_validation() -> None:
     bdd = MultiCropConfig.bdd10k()
-    assert bdd.global_scale == (0.3, 1.0) and bdd.local_scale == (0.1, 0.3) and bdd.n_local == 6
+    assert bdd.global_scale == (0.3, 1.0) and bdd.local_scale == (0.1, 0.3) and bdd.local_crops_number == 6
     assert bdd.global1.jitter_p == 0 and bdd.local.blur_p == 0.5
     assert MultiCropConfig.dino().global2.solarize_p == 0.2
     with pytest.raises(ValueError, match="global_scale"):
@@ -89,7 +89,7 @@ def test_config_presets_and_validation() -> None:
 
 def test_crop_area_and_ratio_match_torchvision(files: list[Path]) -> None:
     # 32 batches x 64 images: 4096 global and 12288 local crops (boxes straight from the loader).
-    cfg = dataclasses.replace(SMALL.without_augmentation(), n_local=3)
+    cfg = dataclasses.replace(SMALL.without_augmentation(), local_crops_number=3)
     batches = run_epoch(files, cfg, epoch_length=2048, debug=True)
     glob_boxes = torch.cat([b.boxes.reshape(-1, 4) for b in batches]).numpy()
     loc = np.concatenate([np.stack([b.params[k][:, 2:] for k in ("x0", "y0", "x1", "y1")], -1).reshape(-1, 4)
@@ -195,7 +195,7 @@ def _pil_crop(path: Path, box: list[int], size: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("backend", ["dali", "reference", "torch"])
 def test_boxes_lie_inside_and_match_the_crop(files: list[Path], backend: str) -> None:
-    cfg = dataclasses.replace(MultiCropConfig.dino(), global_size=48, n_local=1).without_augmentation()
+    cfg = dataclasses.replace(MultiCropConfig.dino(), global_size=48, local_crops_number=1).without_augmentation()
     kw = {"num_workers": 0} if backend == "reference" else {}
     batch = first_batch(files, cfg, backend=backend, **kw)
     for b in range(8):
@@ -330,7 +330,7 @@ def test_colour_jitter_matches_torchvision_factors(files: list[Path]) -> None:
     from torchvision.transforms import functional as TF
 
     jit = dataclasses.replace(ViewAug().off(), jitter_p=1.0)
-    cfg = dataclasses.replace(MultiCropConfig(global_size=48, n_local=0).without_augmentation(),
+    cfg = dataclasses.replace(MultiCropConfig(global_size=48, local_crops_number=0).without_augmentation(),
                               global1=jit, global2=jit)
     batch = first_batch(files, cfg, batch_size=16, debug=True)
 
@@ -413,7 +413,7 @@ def test_prefetched_batches_equal_the_synchronous_pipeline(files: list[Path]) ->
 
     from oodfast.data.multicrop import _Feeder, build_dali_pipeline, params_dict
 
-    cfg = dataclasses.replace(SMALL, n_local=2)
+    cfg = dataclasses.replace(SMALL, local_crops_number=2)
 
     def synchronous(start_epoch: int, n: int) -> list[tuple]:
         feeder = _Feeder(files, cfg, 8, 5, 0, 1, None, start_epoch, True)

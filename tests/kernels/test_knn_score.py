@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from oodfast.kernels.knn_score import _knn_score_triton, knn_score, knn_score_reference, normalize_bank
+from oodfast.kernels.knn_score import _knn_score_triton, knn_score, knn_score_torch, normalize_bank
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -72,17 +72,17 @@ REF_CASES = [
 def test_reference_matches_brute_force(B, D, N, k):
     x, bank = make(B, D, N, seed=B * 10007 + D * 101 + N + k)
     # tile=16 splits every bank into several tiles, some shorter than k: the running top-k must carry.
-    got = knn_score_reference(x, bank, k, tile=16)
+    got = knn_score_torch(x, bank, k, tile=16)
     assert got.dtype == torch.float32 and got.shape == (B,)
     assert_scores_close(got, brute_force(x, bank, k), atol=4e-6)
     # Tiling must not change the result at all relative to one big tile.
-    assert_scores_close(got, knn_score_reference(x, bank, k, tile=1 << 20), atol=1e-6)
+    assert_scores_close(got, knn_score_torch(x, bank, k, tile=1 << 20), atol=1e-6)
 
 
 @pytest.mark.parametrize("bank_dtype", [torch.bfloat16, torch.float16])
 def test_reference_16bit_bank_is_exact_on_its_values(bank_dtype):
     x, bank = make(9, 40, 120, seed=3, bank_dtype=bank_dtype, x_dtype=bank_dtype)
-    assert_scores_close(knn_score_reference(x, bank, 7, tile=50), brute_force(x, bank, 7), atol=4e-6)
+    assert_scores_close(knn_score_torch(x, bank, 7, tile=50), brute_force(x, bank, 7), atol=4e-6)
 
 
 def test_score_is_distance_to_kth_neighbour():
@@ -90,7 +90,7 @@ def test_score_is_distance_to_kth_neighbour():
     bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
     x = torch.tensor([[2.0, 0.0]])  # normalises to (1, 0): distances 0, sqrt 2, 2
     for k, want in [(1, 0.0), (2, 2**0.5), (3, 2.0)]:
-        assert_close_verbose(knn_score_reference(x, bank, k), torch.tensor([want]), atol=1e-6, rtol=0)
+        assert_close_verbose(knn_score_torch(x, bank, k), torch.tensor([want]), atol=1e-6, rtol=0)
 
 
 # ---- Triton kernel (TRITON_INTERPRET=1 on CPU: see tests/conftest.py) ---------------------------
@@ -113,7 +113,7 @@ def test_triton_matches_reference_fp32(B, D, N, k, splits):
     x, bank = make(B, D, N, seed=B + D + N + k)
     out = torch.full((B,), -1.0, device=DEVICE)
     _knn_score_triton(*on_device(x, bank), k, out, num_splits=splits)
-    assert_scores_close(out.cpu(), knn_score_reference(x, bank, k), atol=4e-6)
+    assert_scores_close(out.cpu(), knn_score_torch(x, bank, k), atol=4e-6)
 
 
 # The interpreter computes fp16 tl.dot products exactly (numpy), so the only difference from the fp32
@@ -125,7 +125,7 @@ def test_triton_matches_reference_fp32(B, D, N, k, splits):
 def test_triton_matches_reference_16bit(x_dtype, bank_dtype):
     x, bank = make(9, 40, 140, seed=11, bank_dtype=bank_dtype, x_dtype=x_dtype)
     got = knn_score(*on_device(x, bank), 10, backend="triton")
-    assert_scores_close(got.cpu(), knn_score_reference(x, bank, 10), atol=4e-3, rtol=1e-3)
+    assert_scores_close(got.cpu(), knn_score_torch(x, bank, 10), atol=4e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("order", ["descending", "ascending"])
@@ -142,9 +142,9 @@ def test_triton_tile_skip_and_merge_are_exact(order):
     for k, splits in [(3, 1), (50, 2)]:
         out = torch.empty(1, device=DEVICE)
         _knn_score_triton(*on_device(x, bank), k, out, num_splits=splits)
-        assert_scores_close(out.cpu(), knn_score_reference(x, bank, k), atol=4e-6)
+        assert_scores_close(out.cpu(), knn_score_torch(x, bank, k), atol=4e-6)
     # The query itself is in the bank 3 times: its 3rd nearest neighbour is itself.
-    assert knn_score_reference(x, bank, 3).item() < 1e-3
+    assert knn_score_torch(x, bank, 3).item() < 1e-3
 
 
 def test_triton_strided_inputs_and_out():
@@ -156,7 +156,7 @@ def test_triton_strided_inputs_and_out():
     assert x.stride() == (1, 12) and bank_strided.stride() == (12, 1)
     got = knn_score(x, bank_strided, 5, out=out, backend="triton")
     assert got is out
-    assert_scores_close(out.cpu(), knn_score_reference(x_t, bank, 5), atol=4e-6)
+    assert_scores_close(out.cpu(), knn_score_torch(x_t, bank, 5), atol=4e-6)
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
@@ -170,7 +170,7 @@ def test_bad_rows_score_nan_and_others_are_unaffected(backend):
     got = knn_score(*on_device(bad, bank), 7, backend=backend).cpu()
     nan_rows = torch.tensor([False, True, False, False, True, True, True, False])
     assert torch.equal(got.isnan(), nan_rows), got
-    assert_scores_close(got[~nan_rows], knn_score_reference(x[~nan_rows], bank, 7), atol=4e-6)
+    assert_scores_close(got[~nan_rows], knn_score_torch(x[~nan_rows], bank, 7), atol=4e-6)
     # Splitting the bank carries the NaN flag through the merge kernel too.
     if backend == "triton":
         out = torch.empty(8, device=DEVICE)

@@ -66,12 +66,12 @@ def test_compiled_triton_ops_on_cpu_tensors_run_the_reference(test_ops, monkeypa
     out = torch.compile(step, fullgraph=True)(test_ops, *args[:1], got, *args[1:])
 
     want = make_state()
-    re_.rare_enqueue_reference(x, center, proj, coef, alpha, args[1], args[2], args[3], want["scores"],
+    re_.rare_enqueue_torch(x, center, proj, coef, alpha, args[1], args[2], args[3], want["scores"],
                                want["slots"], want["ring_ids"], want["ring_scores"], want["ring_steps"],
                                want["state"], want["scratch"], re_.EUCLIDEAN)
-    want["score_only"].copy_(re_.rare_score_reference(x, center, proj, coef, alpha, re_.EUCLIDEAN))
-    rc.ring_copy_reference(want["slots"], want["crops"][:, :B], want["crops"][:, B:])
-    want["knn"].copy_(kn.knn_score_reference(x, bank, 3))
+    want["score_only"].copy_(re_.rare_score_torch(x, center, proj, coef, alpha, re_.EUCLIDEAN))
+    rc.ring_copy_torch(want["slots"], want["crops"][:, :B], want["crops"][:, B:])
+    want["knn"].copy_(kn.knn_score_torch(x, bank, 3))
 
     assert (want["slots"] >= 0).sum() == 2, "the test must enqueue something"
     for key in want:  # integers exactly; floats to fp32 rounding (Inductor fuses the norms differently)

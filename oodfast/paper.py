@@ -11,7 +11,7 @@ indices any of whose two global views is above the threshold. Its buffer is a
 This module behaves like that code on the same inputs, bugs included, so tests can show where
 oodfast agrees and where it deliberately differs:
 
-* ``SeedMemoryBuffer.concat_with_batch`` stacks the entries as [N, 2, ...] and reshapes to [2N, ...]
+* ``PaperMemoryBuffer.concat_with_batch`` stacks the entries as [N, 2, ...] and reshapes to [2N, ...]
   without moving the view axis first, then gives the first 32 rows to global view 1 and the rest to
   view 2: row k of view 1 and row k of view 2 come from different images (so do the local views),
   and the constant 32 assumes a full buffer of 32.
@@ -41,7 +41,7 @@ def _euclidean(row: torch.Tensor, mean: torch.Tensor) -> float:
     return distance.euclidean(a, b)
 
 
-class SeedOODDetector:
+class PaperOODDetector:
     """The seed's ``OODDetector`` with an explicit encoder (a module mapping [N, 3, H, W] to a feature
     map [N, C, h, w] or to embeddings [N, C])."""
 
@@ -82,7 +82,7 @@ class SeedOODDetector:
         return self._embed(image_tensor.unsqueeze(0).to(self.device)).squeeze(0).cpu().numpy()
 
 
-class SeedMemoryBuffer:
+class PaperMemoryBuffer:
     """The seed's ``MemoryBuffer``: a deque of per-image view lists, with its concatenation."""
 
     def __init__(self, max_size: int = 32) -> None:
@@ -96,13 +96,13 @@ class SeedMemoryBuffer:
 
     def concat_with_batch(self, img_: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         g_shape, l_shape = tuple(img_[0].shape[1:]), tuple(img_[2].shape[1:])
-        n_local = len(img_) - 2
+        local_crops_number = len(img_) - 2
         buffer_global = torch.stack([torch.stack([e[0], e[1]], dim=0) for e in self.buffer], dim=0)
         buffer_local = torch.stack([torch.stack(e[2:], dim=0) for e in self.buffer], dim=0)
         buffer_global = buffer_global.view(-1, *g_shape)   # [2N, ...]: entry-major, the bug
         buffer_local = buffer_local.view(-1, *l_shape)
         out = [torch.cat([img_[0], buffer_global[:32]], dim=0), torch.cat([img_[1], buffer_global[32:]], dim=0)]
-        for i in range(n_local):
+        for i in range(local_crops_number):
             out.append(torch.cat([img_[2 + i], buffer_local[32 * i: 32 * (i + 1)]], dim=0))
         return out
 
