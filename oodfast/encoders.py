@@ -15,7 +15,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision
 from torch import nn
+
+
+# torchvision classification families whose models end in a linear ``fc``: the supported backbones.
+_FC_FAMILIES = ("resnet", "resnext", "wide_resnet", "regnet_")
+
+
+def backbone_names() -> list[str]:
+    """Names ``build_backbone`` accepts: torchvision classification models with an ``fc`` classifier."""
+    names = torchvision.models.list_models(module=torchvision.models)
+    return sorted(n for n in names if n.startswith(_FC_FAMILIES))
+
+
+def build_backbone(arch: str = "resnet50") -> tuple[nn.Module, int]:
+    """A randomly initialised torchvision backbone with ``fc = nn.Identity()`` and its feature width.
+
+    Args:
+        arch: torchvision model name, e.g. ``resnet50`` (the paper's), ``resnet18``, ``resnext50_32x4d``.
+
+    Returns:
+        (module mapping [B, 3, H, W] to [B, embed_dim], embed_dim), e.g. 2048 for resnet50.
+    """
+    valid = backbone_names()
+    if arch not in valid:
+        raise ValueError(f"unknown backbone arch {arch!r}; choose one of: {', '.join(valid)}")
+    model = torchvision.models.get_model(arch, weights=None)
+    embed_dim = model.fc.in_features
+    model.fc = nn.Identity()
+    return model, embed_dim
 
 
 def _backbone_state(state: Mapping[str, Any], source: Path) -> dict[str, torch.Tensor]:
@@ -50,7 +79,7 @@ def load_encoder(
             prefixes stripped); or (b) a plain backbone state dict, e.g. DINO's released
             ``dino_resnet50_pretrain.pth`` (a torchvision ``fc`` is ignored). Loading is
             ``weights_only`` (no code runs).
-        arch: torchvision backbone name (:func:`oodfast.train.head.build_backbone`).
+        arch: torchvision backbone name (:func:`build_backbone`).
         device: where the module goes.
         checkpoint_key: which network of a training checkpoint (``teacher`` or ``student``).
 
@@ -60,7 +89,6 @@ def load_encoder(
         names the missing, unexpected and mis-shaped keys).
     """
     from oodfast.train.checkpoint import CheckpointError, load_checkpoint
-    from oodfast.train.head import build_backbone
 
     if str(source) == "random":
         with torch.random.fork_rng(devices=[]):

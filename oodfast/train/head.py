@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
+
+from oodfast.encoders import backbone_names, build_backbone  # re-exported: the trainer's names for them
 
 __all__ = ["DINOHead", "MultiCropWrapper", "WeightNormLinear", "backbone_names", "build_backbone"]
 
@@ -185,31 +186,3 @@ class MultiCropWrapper(nn.Module):
         features = self.forward_backbone(views)
         out = self.head(features)
         return (out, features) if return_features else out
-
-
-# torchvision classification families whose models end in a linear ``fc``: the supported backbones.
-_FC_FAMILIES = ("resnet", "resnext", "wide_resnet", "regnet_")
-
-
-def backbone_names() -> list[str]:
-    """Names ``build_backbone`` accepts: torchvision classification models with an ``fc`` classifier."""
-    names = torchvision.models.list_models(module=torchvision.models)
-    return sorted(n for n in names if n.startswith(_FC_FAMILIES))
-
-
-def build_backbone(arch: str = "resnet50") -> tuple[nn.Module, int]:
-    """A randomly initialised torchvision backbone with ``fc = nn.Identity()`` and its feature width.
-
-    Args:
-        arch: torchvision model name, e.g. ``resnet50`` (the paper's), ``resnet18``, ``resnext50_32x4d``.
-
-    Returns:
-        (module mapping [B, 3, H, W] to [B, embed_dim], embed_dim), e.g. 2048 for resnet50.
-    """
-    valid = backbone_names()
-    if arch not in valid:
-        raise ValueError(f"unknown backbone arch {arch!r}; choose one of: {', '.join(valid)}")
-    model = torchvision.models.get_model(arch, weights=None)
-    embed_dim = model.fc.in_features
-    model.fc = nn.Identity()
-    return model, embed_dim
