@@ -34,12 +34,11 @@ def _detectors(_ctx: click.Context, _param: click.Parameter, value: str | None) 
 
 
 def _setup(data: str, data_root: Path | None, encoder_source: str, arch: str, device: str | None):
-    import torch
-
     from oodfast.data.discover import discover
-    from oodfast.evaluate.represent import load_encoder
+    from oodfast.devices import resolve_device
+    from oodfast.encoders import load_encoder
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)  # None: the default device (cuda when torch sees a GPU)
     encoder = load_encoder(encoder_source, arch, device)  # first: a bad --encoder is named before data is built
     kind = "bdd10k" if data == "synthetic" else data
     root = str(discover("synthetic", data_root, "train").root) if data == "synthetic" else data_root

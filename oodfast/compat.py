@@ -1,4 +1,4 @@
-"""Drop-in replacements for the seed's ``OODDetector`` and ``MemoryBuffer`` (``ood_detection.py``).
+"""Drop-in replacements for the paper's ``OODDetector`` and ``MemoryBuffer`` (``ood_detection.py``).
 
 Same constructor arguments, methods and return values as the paper's code; the scoring runs through
 the fused kernels (:class:`oodfast.detect.RareDetector`) on whole batches instead of a Python loop of
@@ -6,10 +6,10 @@ scipy distances with a host copy per row, and the buffer is a preallocated ring 
 of tensor lists. Two deliberate differences, both fixes:
 
 1. ``MemoryBuffer.concat_with_batch`` puts buffer entry k's view v at row ``B + k`` of view v, for
-   any buffer size. The seed reshapes its stacked [N, 2, ...] entries without moving the view axis,
+   any buffer size. The paper's code reshapes its stacked [N, 2, ...] entries without moving the view axis,
    so row k of global view 1 and row k of global view 2 came from different images (the local views
    likewise): every buffer row broke DINO's positive pairs. It also assumed exactly 32 entries.
-2. Non-finite embeddings are never flagged. The seed mapped NaN distances to 1e6, which is always
+2. Non-finite embeddings are never flagged. The paper's code mapped NaN distances to 1e6, which is always
    above the threshold, and replayed the broken image for the rest of training.
 
 Usage is unchanged::
@@ -34,7 +34,7 @@ from torchvision.transforms import functional as TF
 
 from oodfast.buffer import RareRing
 from oodfast.detect import DetectorConfig, RareDetector
-from oodfast.encoders import load_encoder
+from oodfast import encoders
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,12 @@ DINO_WEIGHTS_HELP = (
 def load_resnet50_trunk(weights_path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
     """A frozen torchvision ResNet-50 without its classifier (outputs [N, 2048]) from ``weights_path``.
 
-    Accepts a plain torchvision/DINO ResNet-50 state dict (e.g. ``dino_resnet50_pretrain.pth``) or a
-    DINO training checkpoint, whose ``teacher`` backbone is used (:func:`oodfast.encoders.load_encoder`).
-    Loaded with ``torch.load(weights_only=True)``: a file that would execute code is refused.
+    Exactly ``oodfast.encoders.load_encoder(weights_path, "resnet50", device)`` (the one encoder
+    entry point) for a file; this wrapper only refuses a path with no file (``"random"`` included) with
+    :class:`FileNotFoundError` and adds where to get DINO's weights to every error. Accepts a plain
+    torchvision/DINO ResNet-50 state dict (e.g. ``dino_resnet50_pretrain.pth``) or a DINO training
+    checkpoint, whose ``teacher`` backbone is used. Loaded with ``torch.load(weights_only=True)``:
+    a file that would execute code is refused.
 
     Raises:
         FileNotFoundError: no file at ``weights_path`` (the message says where to get one).
@@ -61,13 +64,13 @@ def load_resnet50_trunk(weights_path: str | Path, device: torch.device | str = "
     if not path.is_file():
         raise FileNotFoundError(f"no weights file at {path}; {DINO_WEIGHTS_HELP}")
     try:
-        return load_encoder(path, "resnet50", device)
+        return encoders.load_encoder(path, "resnet50", device)
     except ValueError as e:
         raise ValueError(f"{e}; {DINO_WEIGHTS_HELP}") from None
 
 
 class OODDetector:
-    """The seed's ``OODDetector``, scoring with the fused kernels.
+    """The paper's ``OODDetector``, scoring with the fused kernels.
 
     Args:
         device: where the encoder runs.
@@ -75,7 +78,7 @@ class OODDetector:
         threshold: the percentile of calibration distances used as the threshold (0.80 - 0.99).
         encoder: any module mapping [N, 3, 224, 224] to a feature map [N, C, h, w] or embeddings [N, C];
             used instead of ``weights_path``.
-        metric: ``euclidean`` (the seed's), ``cosine``, ``mahalanobis`` or ``knn``.
+        metric: ``euclidean`` (the paper's), ``cosine``, ``mahalanobis`` or ``knn``.
     """
 
     def __init__(self, device: torch.device | str, weights_path: str | Path | None = None, threshold: float = 0.95,
@@ -90,7 +93,7 @@ class OODDetector:
         self.detector: RareDetector | None = None
         self._config = DetectorConfig(metric=metric, percentile=threshold)
 
-    # The seed exposed these after compute_dataset_stats.
+    # The paper's detector exposed these after compute_dataset_stats.
     @property
     def mean_vector(self) -> torch.Tensor | None:
         return None if self.detector is None else self.detector.center.unsqueeze(0)
@@ -144,12 +147,12 @@ class OODDetector:
 
     @torch.no_grad()
     def extract_features(self, image_tensor: torch.Tensor):
-        """Embedding of one [3, H, W] image as a numpy array [C] (as the seed)."""
+        """Embedding of one [3, H, W] image as a numpy array [C] (as the paper's code)."""
         return self._embed(image_tensor.unsqueeze(0)).squeeze(0).cpu().numpy()
 
 
 class _Entries(Sequence):
-    """The buffer's entries oldest first, each a list of views: what the seed's deque held."""
+    """The buffer's entries oldest first, each a list of views: what the paper's deque held."""
 
     def __init__(self, owner: MemoryBuffer) -> None:
         self._owner = owner
@@ -169,7 +172,7 @@ class _Entries(Sequence):
 
 
 class MemoryBuffer:
-    """The seed's ``MemoryBuffer`` on a preallocated :class:`RareRing` (``max_size`` images x all views).
+    """The paper's ``MemoryBuffer`` on a preallocated :class:`RareRing` (``max_size`` images x all views).
 
     ``buffer`` is a read-only sequence of entries (``len()`` works, oldest first).
     """
@@ -206,7 +209,7 @@ class MemoryBuffer:
     def concat_with_batch(self, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per view v: ``views[v]`` [B, ...] followed by every entry's view v, oldest first.
 
-        Unlike the seed, entry k's views all sit at row ``B + k`` (DINO's positive pairs hold) and any
+        Unlike the paper's code, entry k's views all sit at row ``B + k`` (DINO's positive pairs hold) and any
         buffer size works; an empty buffer returns the views unchanged.
         """
         if self._ring is None:

@@ -1,10 +1,17 @@
-"""Frozen encoders from checkpoints or weights files: for detection, evaluation and the drop-in API.
+"""Backbones and frozen encoders: the one place oodfast builds or loads an encoder.
 
-``load_encoder(source, arch)`` returns a frozen torchvision backbone (``fc`` removed) mapping
+``build_backbone(arch)`` returns a randomly initialised torchvision backbone with ``fc`` removed;
+``load_encoder(source, arch, device)`` returns it frozen (eval mode, no gradients), mapping
 [B, 3, H, W] to [B, D], from an oodfast / facebookresearch/dino training checkpoint (its teacher's
 ``backbone.*``), a plain backbone state dict (e.g. DINO's released ``dino_resnet50_pretrain.pth``),
 or ``"random"`` (the untrained baseline). Files are read with ``weights_only=True``: a file that
 would execute code is refused.
+
+Every caller goes through :func:`load_encoder`: ``oodfast evaluate`` and :mod:`oodfast.evaluate`,
+the trainer's frozen detector (``load_encoder(path, "resnet50", device)``) and the drop-in API,
+whose :func:`oodfast.compat.load_resnet50_trunk` is that same call with the DINO-weights hint added
+to its errors. This module imports nothing from ``oodfast.train`` at import time (the checkpoint
+reader is imported when a file is loaded).
 """
 
 from __future__ import annotations

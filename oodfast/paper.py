@@ -1,4 +1,4 @@
-"""The seed's OOD path, reproduced: the reference that oodfast is tested and benchmarked against.
+"""The paper's OOD path, reproduced: the baseline that oodfast is tested and benchmarked against.
 
 The paper's code (``ood_detection.py`` in Lake-Wang/OOD_Enhanced_Dino_Vision) embeds each image
 with a ResNet-50 trunk, averages the feature map, and scores every embedding in a Python loop with
@@ -17,8 +17,8 @@ oodfast agrees and where it deliberately differs:
   and the constant 32 assumes a full buffer of 32.
 * non-finite embeddings score 1e6 and are replayed.
 
-It is written for this project (it is not the seed's file) and takes the encoder as an argument,
-since the seed's default loads weights from torch.hub at run time.
+It is written for this project (it is not the paper's file) and takes the encoder as an argument,
+since the paper's default loads weights from torch.hub at run time.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from torchvision.transforms import functional as TF
 
 
 def _euclidean(row: torch.Tensor, mean: torch.Tensor) -> float:
-    """The seed's per-row ``distance.euclidean(row.cpu().flatten(), mean.cpu().flatten())``. Recent
-    scipy refuses non-finite input where the seed's returned NaN, so NaN is returned here directly."""
+    """The paper's per-row ``distance.euclidean(row.cpu().flatten(), mean.cpu().flatten())``. Recent
+    scipy refuses non-finite input where the paper's code got NaN, so NaN is returned here directly."""
     a, b = row.cpu().flatten(), mean.cpu().flatten()
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         return float("nan")
@@ -42,7 +42,7 @@ def _euclidean(row: torch.Tensor, mean: torch.Tensor) -> float:
 
 
 class PaperOODDetector:
-    """The seed's ``OODDetector`` with an explicit encoder (a module mapping [N, 3, H, W] to a feature
+    """The paper's ``OODDetector`` with an explicit encoder (a module mapping [N, 3, H, W] to a feature
     map [N, C, h, w] or to embeddings [N, C])."""
 
     def __init__(self, encoder: nn.Module, device: torch.device | str = "cpu", threshold: float = 0.95) -> None:
@@ -83,7 +83,7 @@ class PaperOODDetector:
 
 
 class PaperMemoryBuffer:
-    """The seed's ``MemoryBuffer``: a deque of per-image view lists, with its concatenation."""
+    """The paper's ``MemoryBuffer``: a deque of per-image view lists, with its concatenation."""
 
     def __init__(self, max_size: int = 32) -> None:
         self.buffer: deque[list[torch.Tensor]] = deque(maxlen=max_size)

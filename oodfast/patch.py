@@ -22,9 +22,9 @@ one call before the training function runs replaces both classes in that module'
     revert()                                       # the original classes are back
 
 Like Liger-Kernel's ``apply_liger_kernel_to_*``, there is one flag per piece (``detector``,
-``buffer``) and a matching revert. The replacements keep the seed's API (see :mod:`oodfast.compat`
+``buffer``) and a matching revert. The replacements keep the paper's API (see :mod:`oodfast.compat`
 for the two deliberate fixes); ``weights_path`` / ``encoder`` / ``metric`` become defaults of the
-patched ``OODDetector`` so call sites need not change (the seed's default loaded weights from
+patched ``OODDetector`` so call sites need not change (the paper's default loaded weights from
 torch.hub at run time, which oodfast never does).
 """
 

@@ -42,7 +42,6 @@ from torch import nn
 from oodfast.data.classes import CLASS_IDS, CLASS_NAMES, IGNORE_ID, NUM_CLASSES, RARE_CLASS_IDS
 from oodfast.data.crops import CROP_RATIO, DEFAULT_RARE_TAU, sample_resized_crop_boxes
 from oodfast.data.discover import DatasetFiles
-from oodfast.encoders import load_encoder
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,6 @@ __all__ = [
     "knn_votes",
     "linear_probe",
     "linear_probe_logits",
-    "load_encoder",
     "mean_interval",
     "per_band_accuracy",
 ]
@@ -337,7 +335,7 @@ def extract_features(
         size: side of the square crops in pixels.
         scale: RandomResizedCrop area range as a share of the image.
         seed: crop seed.
-        device: where the crops go; the encoder must already be there (``load_encoder(..., device)``).
+        device: where the crops go; the encoder must already be there (``oodfast.encoders.load_encoder(..., device)``).
         batch_size: crops per encoder call.
         rare_ids, tau: the rare-presence ground truth (see :func:`crop_labels`).
         num_workers: decoding threads (default: the CPU count, at most 8).

@@ -11,6 +11,7 @@ import torch
 
 from oodfast.data.classes import CLASS_IDS, CLASS_NAMES, IGNORE_ID, NUM_CLASSES
 from oodfast.data.crops import rare_shares
+from oodfast.encoders import build_backbone, load_encoder
 from oodfast.evaluate.represent import (
     binary_accuracy,
     class_pixel_share,
@@ -22,12 +23,10 @@ from oodfast.evaluate.represent import (
     knn_votes,
     linear_probe,
     linear_probe_logits,
-    load_encoder,
     mean_interval,
     per_band_accuracy,
 )
 from oodfast.train.checkpoint import save_checkpoint
-from oodfast.train.head import build_backbone
 
 ROAD, BUILDING, SKY, CAR, PERSON = (CLASS_IDS[n] for n in ("road", "building", "sky", "car", "person"))
 
