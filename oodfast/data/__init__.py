@@ -22,7 +22,7 @@ __all__ = [
     "discover",
 ]
 
-# Multi-crop augmentation (issue 4). Imports torch; DALI and torchvision load lazily inside the loaders.
+# Multi-crop augmentation: imports torch; DALI and torchvision load lazily inside the loaders.
 from oodfast.data.multicrop import (  # noqa: E402
     MultiCropBatch,
     MultiCropConfig,

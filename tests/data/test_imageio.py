@@ -26,7 +26,7 @@ SIZE = (64, 48)
 CFG = MultiCropConfig(global_size=24, local_size=12, local_crops_number=1).without_augmentation()
 MEAN = torch.tensor(CFG.mean).view(1, 3, 1, 1)
 STD = torch.tensor(CFG.std).view(1, 3, 1, 1)
-BACKENDS = ["dali", "reference", "torch"]
+BACKENDS = ["dali", "paper", "torch"]
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +69,7 @@ CASES = {
     "I;16 png": ("g16.png", _save(i16(13050), "PNG"), (51, 51, 51), {}),
     "I;16 tiff": ("g16.tif", _save(i16(13050), "TIFF"), (51, 51, 51), {}),
     # PIL keeps the high byte of 16-bit RGB (v >> 8: 50, 156, 255), one level from DALI's rounding.
-    "RGB 16-bit png": ("rgb16.png", png16_rgb((13050, 40000, 65535)), (51, 156, 255), {"reference": 1}),
+    "RGB 16-bit png": ("rgb16.png", png16_rgb((13050, 40000, 65535)), (51, 156, 255), {"paper": 1}),
     "F tiff in [0, 1]": ("f.tif", _save(Image.new("F", SIZE, 0.2), "TIFF"), (51, 51, 51), {}),
     "LA png": ("la.png", _save(Image.new("LA", SIZE, (100, 50)), "PNG"), (100, 100, 100), {}),
     "P + transparency": ("p.png", palette_with_transparency(), (10, 200, 30), {}),
@@ -85,7 +85,7 @@ CASES = {
 def loader(paths: list[Path], backend: str, batch_size: int = 1, **kw):
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
-    workers = {"reference": 0, "dali": 1}.get(backend)
+    workers = {"paper": 0, "dali": 1}.get(backend)
     kw.setdefault("num_workers", workers)
     return multicrop_loader(paths, CFG, batch_size, device="cpu", seed=0, backend=backend, **kw)
 
@@ -118,7 +118,7 @@ def test_a_16bit_image_in_a_batch_of_8bit_ones(tmp_path: Path) -> None:
     """torch: torchvision returns uint16 for the 16-bit file; it is scaled, not stacked as 0..65535."""
     (tmp_path / "g16.png").write_bytes(CASES["I;16 png"][1])
     Image.new("RGB", SIZE, (51, 51, 51)).save(tmp_path / "rgb.png")
-    for backend in ("torch", "reference"):
+    for backend in ("torch", "paper"):
         batch = next(iter(loader([tmp_path / "g16.png", tmp_path / "rgb.png"], backend, batch_size=2)))
         px = (batch.views[0].float() * STD + MEAN) * 255.0
         assert (px - 51).abs().max() <= 0.5, backend
@@ -138,7 +138,7 @@ def test_32bit_integer_images_are_refused_naming_the_file(tmp_path: Path, backen
     assert str(path) in msg and "32-bit integer" in msg and "oodfast data check" in msg and "\n" not in msg
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["paper", "torch"])
 def test_float_images_outside_0_1_are_refused_not_clipped(tmp_path: Path, backend: str) -> None:
     path = tmp_path / "f255.tif"
     path.write_bytes(_save(Image.new("F", SIZE, 200.0), "TIFF"))
@@ -243,7 +243,7 @@ def test_a_worker_error_names_the_file_not_the_worker(tmp_path: Path) -> None:
     full = _save(Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)), "JPEG")
     data.write_bytes(full[: len(full) // 2])  # truncated: the header parses, decoding fails in the worker
     with pytest.raises(MultiCropDataError) as e:
-        for _ in multicrop_loader([good, data], CFG, 2, device="cpu", seed=0, backend="reference", num_workers=1):
+        for _ in multicrop_loader([good, data], CFG, 2, device="cpu", seed=0, backend="paper", num_workers=1):
             pass
     msg = str(e.value)
     assert msg.startswith(f"cannot decode {data}: OSError: image file is truncated"), msg

@@ -1,4 +1,4 @@
-"""Multi-crop augmentation (DALI CPU mode, reference, torch): shapes, crop distributions, coin-flip
+"""Multi-crop augmentation (DALI CPU mode, the paper's path, torch): shapes, crop distributions, coin-flip
 rates, boxes, determinism, sharding, small and corrupt images."""
 
 from __future__ import annotations
@@ -193,10 +193,10 @@ def _pil_crop(path: Path, box: list[int], size: int) -> torch.Tensor:
     return torch.from_numpy(np.array(crop)).permute(2, 0, 1).float()
 
 
-@pytest.mark.parametrize("backend", ["dali", "reference", "torch"])
+@pytest.mark.parametrize("backend", ["dali", "paper", "torch"])
 def test_boxes_lie_inside_and_match_the_crop(files: list[Path], backend: str) -> None:
     cfg = dataclasses.replace(MultiCropConfig.dino(), global_size=48, local_crops_number=1).without_augmentation()
-    kw = {"num_workers": 0} if backend == "reference" else {}
+    kw = {"num_workers": 0} if backend == "paper" else {}
     batch = first_batch(files, cfg, backend=backend, **kw)
     for b in range(8):
         path = files[int(batch.index[b])]
@@ -207,7 +207,7 @@ def test_boxes_lie_inside_and_match_the_crop(files: list[Path], backend: str) ->
             err = (out - _pil_crop(path, [x0, y0, x1, y1], 48)).abs().mean()
             shifted = [x0 + 7, y0, x1 + 7, y1] if x1 + 7 <= W else [x0 - 7, y0, x1 - 7, y1]
             wrong = (out - _pil_crop(path, shifted, 48)).abs().mean()
-            tol = 0.6 if backend == "reference" else 4.0  # the reference is PIL itself
+            tol = 0.6 if backend == "paper" else 4.0  # the paper's path is PIL itself
             assert err < tol and wrong > err + 1.0, f"{backend}: box {b}/{v} err {err:.2f} vs shifted {wrong:.2f}"
 
 
@@ -219,14 +219,20 @@ def test_torch_backend_shares_the_decisions(files: list[Path]) -> None:
     assert [v.shape for v in d.views] == [v.shape for v in t.views]
 
 
-def test_reference_backend_in_workers(files: list[Path]) -> None:
-    ld = multicrop_loader(files, SMALL, 8, device="cpu", seed=1, backend="reference", num_workers=2)
+def test_paper_backend_in_workers(files: list[Path]) -> None:
+    ld = multicrop_loader(files, SMALL, 8, device="cpu", seed=1, backend="paper", num_workers=2)
     batches = list(ld)
     assert len(batches) == len(ld) == 6
     assert sorted(torch.cat([b.index for b in batches]).tolist()) == list(range(48))
     assert all(len(b.views) == 8 and b.views[2].shape == (8, 3, 16, 16) for b in batches)
-    again = list(multicrop_loader(files, SMALL, 8, device="cpu", seed=1, backend="reference", num_workers=2))
+    again = list(multicrop_loader(files, SMALL, 8, device="cpu", seed=1, backend="paper", num_workers=2))
     assert torch.equal(batches[0].views[0], again[0].views[0])  # seeded workers: reproducible
+
+
+def test_reference_is_an_alias_of_the_paper_backend(files: list[Path]) -> None:
+    from oodfast.data.multicrop.paper_loader import PaperMultiCropLoader
+
+    assert isinstance(multicrop_loader(files, SMALL, 8, device="cpu", seed=1, backend="reference"), PaperMultiCropLoader)
 
 
 def test_sharded_iterators_cover_the_epoch_once(files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -363,16 +369,16 @@ def _record_feeder_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int
     """Patch the DALI feeder to record (thread id, global step) of every call."""
     import threading
 
-    from oodfast.data import multicrop
+    from oodfast.data.multicrop import dali_loader
 
     calls: list[tuple[int, int]] = []
-    original = multicrop._Feeder.__call__
+    original = dali_loader._Feeder.__call__
 
     def recording(self):  # noqa: ANN001, ANN202
         calls.append((threading.get_ident(), self.fed))
         return original(self)
 
-    monkeypatch.setattr(multicrop._Feeder, "__call__", recording)
+    monkeypatch.setattr(dali_loader._Feeder, "__call__", recording)
     return calls
 
 
@@ -408,10 +414,11 @@ def test_feeder_runs_on_a_prefetch_thread_depth_batches_ahead(files: list[Path],
 
 
 def test_prefetched_batches_equal_the_synchronous_pipeline(files: list[Path]) -> None:
-    # The reference: the same feeder and pipeline, run() in this thread, one batch at a time.
+    # The baseline: the same feeder and pipeline, run() in this thread, one batch at a time.
     import time
 
-    from oodfast.data.multicrop import _Feeder, build_dali_pipeline, params_dict
+    from oodfast.data.multicrop import build_dali_pipeline, params_dict
+    from oodfast.data.multicrop.dali_loader import _Feeder
 
     cfg = dataclasses.replace(SMALL, local_crops_number=2)
 

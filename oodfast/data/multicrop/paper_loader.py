@@ -1,18 +1,18 @@
-"""``--aug reference``: the seed's multi-crop, PIL + torchvision in DataLoader workers.
+"""``--aug paper``: the paper's multi-crop, PIL + torchvision in DataLoader workers.
 
-This is facebookresearch/dino's ``DataAugmentationDINO`` as the seed (OOD_Enhanced_Dino_Vision,
+This is facebookresearch/dino's ``DataAugmentationDINO`` as the paper's code (OOD_Enhanced_Dino_Vision,
 ``code/main_dino.py``) runs it: per view ``RandomResizedCrop`` (bicubic) -> ``RandomHorizontalFlip``
 -> ``RandomApply([ColorJitter], p)`` -> ``RandomGrayscale`` -> DINO's ``GaussianBlur`` (PIL,
 ``random.random() <= p``, radius ~ U(0.1, 2.0)) -> DINO's ``Solarization`` (``random.random() < p``)
 -> ``ToTensor`` -> ``Normalize``, on PIL images in DataLoader worker processes. Randomness comes
 from torch's and Python's generators as the DataLoader seeds them per worker, exactly as in the
-seed. It is kept deliberately unoptimised: it is the parity oracle and the benchmark baseline.
+paper's code. It is kept deliberately unoptimised: it is the parity oracle and the benchmark baseline.
 
-Two changes, both behaviour-preserving: every setting comes from :class:`MultiCropConfig` (the seed
-hard-codes them), and the crop is drawn with ``RandomResizedCrop.get_params`` followed by
+Two changes, both behaviour-preserving: every setting comes from :class:`MultiCropConfig` (the paper's
+code hard-codes them), and the crop is drawn with ``RandomResizedCrop.get_params`` followed by
 ``F.resized_crop`` (what ``RandomResizedCrop.forward`` does) so the global boxes can be returned.
 
-Not reproduced from the seed: the seed's own ``main_dino.py`` edits DINO's crops to
+Not reproduced from the paper's code: its own ``main_dino.py`` edits DINO's crops to
 ``RandomResizedCrop((512, 1024), ratio=(1.5, 2.5))`` globals and ``(224, 448)`` locals; that is
 ``MultiCropConfig(global_size=(512, 1024), local_size=(224, 448), ratio=(1.5, 2.5))`` here. The
 BDD10K class's nested, ``random.seed(42)``-placed crops are not reproduced (see
@@ -35,16 +35,10 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from oodfast.data.multicrop import (
-    _CHECK,
-    MultiCropBatch,
-    MultiCropConfig,
-    MultiCropDataError,
-    ViewAug,
-    epoch_plan,
-    steps_per_epoch,
-)
 from oodfast.data.imageio import ImageFileError, load_rgb8
+from oodfast.data.multicrop.config import MultiCropConfig, ViewAug
+from oodfast.data.multicrop.files import CHECK_HINT, MultiCropDataError
+from oodfast.data.multicrop.plan import MultiCropBatch, epoch_plan, steps_per_epoch
 
 
 class PILGaussianBlur:
@@ -78,7 +72,7 @@ class BoxedRandomResizedCrop(transforms.RandomResizedCrop):
 
 
 class DataAugmentationDINO:
-    """The seed's per-image multi-crop on a PIL image -> (list of [3, H, W] float32, [2, 4] boxes)."""
+    """The paper's per-image multi-crop on a PIL image -> (list of [3, H, W] float32, [2, 4] boxes)."""
 
     def __init__(self, config: MultiCropConfig) -> None:
         self.config = config
@@ -91,7 +85,7 @@ class DataAugmentationDINO:
 
     @staticmethod
     def _photometric(aug: ViewAug, normalize: Any) -> transforms.Compose:
-        # Same order and classes as the seed's flip_and_color_jitter + GaussianBlur (+ Solarization).
+        # Same order and classes as the paper's flip_and_color_jitter + GaussianBlur (+ Solarization).
         steps: list[Any] = [
             transforms.RandomHorizontalFlip(p=aug.flip_p),
             transforms.RandomApply([transforms.ColorJitter(brightness=aug.brightness, contrast=aug.contrast,
@@ -123,15 +117,15 @@ class _Images(Dataset):
     def __getitem__(self, i: int) -> tuple[list[torch.Tensor], int, torch.Tensor]:
         path = self.files[i]
         try:
-            # The seed's Image.open(path).convert("RGB"), except that 16-bit and float images are
+            # The paper's Image.open(path).convert("RGB"), except that 16-bit and float images are
             # scaled to 8 bits (convert clips them to white) and the pixel limit applies.
             image = load_rgb8(path)
         except ImageFileError as e:
-            raise MultiCropDataError(f"{e}; {_CHECK}") from None
+            raise MultiCropDataError(f"{e}; {CHECK_HINT}") from None
         try:
             views, boxes = self.transform(image)
         except Exception as e:  # noqa: BLE001 - name the file; in a worker, the type is all that travels
-            raise MultiCropDataError(f"the reference augmentation failed on {path}: {type(e).__name__}: "
+            raise MultiCropDataError(f"the paper's augmentation failed on {path}: {type(e).__name__}: "
                                      f"{e}") from None
         return views, i, boxes
 
@@ -150,7 +144,7 @@ def _worker_error(error: BaseException) -> MultiCropDataError:
 
 
 class _PlanSampler(Sampler[list[int]]):
-    def __init__(self, loader: ReferenceMultiCropLoader) -> None:
+    def __init__(self, loader: PaperMultiCropLoader) -> None:
         self.loader = loader
 
     def __len__(self) -> int:
@@ -163,8 +157,8 @@ class _PlanSampler(Sampler[list[int]]):
         return iter(plan.tolist())
 
 
-class ReferenceMultiCropLoader:
-    """The seed's loader: a DataLoader over PIL images with :class:`DataAugmentationDINO` in workers.
+class PaperMultiCropLoader:
+    """The paper's loader: a DataLoader over PIL images with :class:`DataAugmentationDINO` in workers.
 
     Same epoch plan as the DALI backend (so ``index`` matches batch for batch); the augmentation's
     randomness is torch's and Python's, seeded by the DataLoader per worker from ``(seed, epoch)``.

@@ -1,7 +1,7 @@
 """``--aug torch``: torchvision.io decode (on the GPU when there is one) plus batched tensor ops.
 
 For users without DALI (DALI ships Linux wheels only). The random decisions are the DALI backend's
-(:func:`oodfast.data.multicrop.sample_view_params`: same seed, same boxes and coin flips); the ops
+(:func:`oodfast.data.multicrop.plan.sample_view_params`: same seed, same boxes and coin flips); the ops
 follow torchvision's tensor semantics:
 
 - crop: ``torchvision.transforms.v2.functional.resized_crop`` (bicubic, antialias) per image, since
@@ -28,22 +28,19 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from oodfast.data.multicrop import (
-    _CHECK,
-    _P,
+from oodfast.data.imageio import ImageFileError, open_image, to_rgb8, uint16_to_uint8
+from oodfast.data.multicrop.config import MultiCropConfig
+from oodfast.data.multicrop.files import CHECK_HINT, MultiCropDataError, image_size, read_file_bytes
+from oodfast.data.multicrop.plan import PARAM_INDEX as _P
+from oodfast.data.multicrop.plan import (
     MultiCropBatch,
-    MultiCropConfig,
-    MultiCropDataError,
     batch_rng,
     boxes_from_params,
     epoch_plan,
-    image_size,
-    read_file_bytes,
     params_dict,
     sample_view_params,
     steps_per_epoch,
 )
-from oodfast.data.imageio import ImageFileError, open_image, to_rgb8, uint16_to_uint8
 
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -160,7 +157,7 @@ def _decode_one(data: torch.Tensor, path: Path) -> torch.Tensor:
     try:
         rgb = to_rgb8(open_image(data.numpy(), path), path)
     except ImageFileError as e:
-        raise MultiCropDataError(f"{e}; {_CHECK}") from None
+        raise MultiCropDataError(f"{e}; {CHECK_HINT}") from None
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
 
 
