@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 from oodfast.data.check import BadFile, CheckReport, check_dataset
-from oodfast.data.discover import (
-    DatasetError,
-    DatasetFiles,
-    cache_dir,
-    default_file_list_path,
-    discover,
-)
+from oodfast.data.cache import cache_dir
+from oodfast.data.discover import DatasetError, DatasetFiles, default_file_list_path, discover
 
 __all__ = [
     "BadFile",

@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from oodfast.data.cache import cache_dir
 from oodfast.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -93,12 +94,6 @@ class DatasetFiles:
 # --------------------------------------------------------------------------------------------------
 # Cache and clean file lists
 # --------------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """The oodfast cache folder: ``$OODFAST_CACHE`` if set, else ``~/.cache/oodfast`` (not created)."""
-    env = os.environ.get("OODFAST_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "oodfast"
 
 
 def default_file_list_path(kind: str, root: str | os.PathLike[str], split: str | None) -> Path:
@@ -273,7 +268,7 @@ def discover(
     Args:
         kind: one of ``synthetic``, ``bdd100k``, ``bdd10k``, ``folder``.
         root: the dataset folder (``--data-root``); for ``synthetic`` the folder to generate the
-            dataset into and reuse from (None: the oodfast cache, see :func:`cache_dir`).
+            dataset into and reuse from (None: the oodfast cache, see :func:`oodfast.data.cache.cache_dir`).
         split: ``train``, ``val`` or ``test``; ignored for ``folder``.
         require_masks: raise unless every image has a segmentation mask (evaluation needs them).
         file_list: a clean file list from ``oodfast data check``: the result holds exactly its files.

@@ -48,6 +48,7 @@ from PIL import Image
 
 from oodfast.data.classes import CLASS_NAMES, IGNORE_ID, RARE_CLASS_IDS
 from oodfast.data.crops import DEFAULT_RARE_TAU, GLOBAL_SCALE, rare_shares, sample_resized_crop_boxes
+from oodfast.data.cache import cache_dir
 from oodfast.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -982,7 +983,7 @@ def ensure_synthdrive(cache_root: Path | None = None, *, progress: bool = True, 
     """Return the root of the cached synthdrive dataset for ``spec``, generating it on first use.
 
     Args:
-        cache_root: where cached datasets live (default: ``oodfast.data.discover.cache_dir()``).
+        cache_root: where cached datasets live (default: ``oodfast.data.cache.cache_dir()``).
         spec: ``num_images``, ``seed``, ``width``, ``height`` (defaults: ``DEFAULT_SPEC``).
 
     Generation goes to a temporary sibling directory that is renamed into place when complete, so an
@@ -993,8 +994,6 @@ def ensure_synthdrive(cache_root: Path | None = None, *, progress: bool = True, 
         raise TypeError(f"ensure_synthdrive got unknown spec keys {sorted(unknown)}; valid: {sorted(DEFAULT_SPEC)}")
     s = {**DEFAULT_SPEC, **spec}
     if cache_root is None:
-        from oodfast.data.discover import cache_dir
-
         cache_root = cache_dir()
     name = f"synthdrive-v{GENERATOR_VERSION}-s{s['seed']}-n{s['num_images']}-{s['width']}x{s['height']}"
     root = Path(cache_root) / name

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from oodfast.data.cache import cache_dir
 from oodfast.data.discover import (
     BDD_DOWNLOAD_URL,
     KINDS,
     DatasetError,
     DatasetFiles,
-    cache_dir,
     default_file_list_path,
     discover,
     read_file_list,
