@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from oodfast.kernels.rare_enqueue import STATE_COUNT, STATE_ENQUEUED, STATE_HEAD, STATE_NONFINITE
+from oodfast.kernels.rare_enqueue import STATE_COUNT, STATE_ENQUEUED, STATE_HEAD, STATE_NONFINITE, rare_enqueue
 from oodfast.kernels.ring_copy import ring_copy
 
 #: One resolution group: (number of views, crop shape), e.g. (2, (3, 224, 224)).
@@ -138,6 +138,11 @@ class RareRing(nn.Module):
         """Host check (synchronises): is every slot occupied? For warm-up loops, not the hot path."""
         return bool(self.count.item() >= self.capacity)
 
+    def bookkeeping(self) -> list[torch.Tensor]:
+        """The tensors an enqueue changes (state, ids, scores, steps; not the crops), for a caller that
+        must be able to put them back (a skipped training step)."""
+        return [self.state, self.ring_ids, self.ring_scores, self.ring_steps]
+
     def reset(self) -> None:
         """Empty the ring (crops are kept but no longer valid)."""
         self.ring_ids.fill_(-1)
@@ -146,6 +151,24 @@ class RareRing(nn.Module):
         self.state.zero_()
 
     # ---- data movement -----------------------------------------------------------------------
+
+    def enqueue(self, x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor, coef: torch.Tensor,
+                alpha: torch.Tensor, threshold: torch.Tensor, sample_ids: torch.Tensor, step: torch.Tensor,
+                scores: torch.Tensor, slots: torch.Tensor, metric: int) -> None:
+        """Score ``x``, compare with ``threshold`` and give each flagged row the next FIFO slot, writing
+        this ring's metadata and state on the device (:func:`~oodfast.kernels.rare_enqueue.rare_enqueue`;
+        the crops follow with :meth:`write`).
+
+        Args:
+            x: embeddings [B, D] or [V, B, D] (``metric`` score: the scores themselves, [B, 1]).
+            center, proj, coef, alpha: the detector's statistics (see :class:`~oodfast.detect.RareDetector`).
+            threshold: 0-d fp32; a row is flagged when its score exceeds it.
+            sample_ids: int64 [B]; step: 0-d int64: stored with each enqueued image.
+            scores, slots: outputs, fp32 [B] and int32 [B] (``slots[b]``: image b's slot, or -1).
+            metric: the op's metric id (``METRICS[name]`` or ``SCORE``).
+        """
+        rare_enqueue(x, center, proj, coef, alpha, threshold, sample_ids, step, scores, slots,
+                     self.ring_ids, self.ring_scores, self.ring_steps, self.state, self.scratch, metric)
 
     def stage(self, views: Sequence[torch.Tensor]) -> None:
         """Tail mode: copy the loader's views (each [B, *crop], global first) into the staging rows."""

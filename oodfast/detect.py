@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from oodfast.buffer import RareRing
-from oodfast.kernels.rare_enqueue import METRICS, SCORE, rare_enqueue, rare_score
+from oodfast.kernels.rare_enqueue import METRICS, SCORE, rare_score
 
 log = logging.getLogger(__name__)
 
@@ -291,11 +291,15 @@ class RareDetector(nn.Module):
             x_in = scores.unsqueeze(1)
         else:
             x_in = x
-        rare_enqueue(x_in, self.center, self.proj, self.coef, self.alpha, self.threshold, sample_ids, step,
-                     scores, slots, ring.ring_ids, ring.ring_scores, ring.ring_steps, ring.state, ring.scratch,
-                     self.metric_id)
+        ring.enqueue(x_in, self.center, self.proj, self.coef, self.alpha, self.threshold, sample_ids, step,
+                     scores, slots, self.metric_id)
         self._track_rate(scores)
         return scores, slots
+
+    def adaptive_state(self) -> list[torch.Tensor]:
+        """The tensors an enqueue changes (``threshold``, ``flag_rate``), for a caller that must be able
+        to put them back (a skipped training step)."""
+        return [self.threshold, self.flag_rate]
 
     def flags(self, scores: torch.Tensor) -> torch.Tensor:
         """bool [B]: which scores the current threshold flags (NaN never)."""
@@ -335,6 +339,11 @@ class ScoreDetector(nn.Module):
         """fp32 [B, 1] scores for the batch ``x`` stands for ([B, ...] or [V, B, ...])."""
         raise NotImplementedError
 
+    def adaptive_state(self) -> list[torch.Tensor]:
+        """The tensors an enqueue changes (``threshold``, ``flag_rate``), for a caller that must be able
+        to put them back (a skipped training step)."""
+        return [self.threshold, self.flag_rate]
+
     def enqueue(self, x: torch.Tensor, ring: RareRing, sample_ids: torch.Tensor, step: torch.Tensor,
                 *, scores: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`RareDetector.enqueue`, with :meth:`scores_for` as the score."""
@@ -342,8 +351,8 @@ class ScoreDetector(nn.Module):
         scores = torch.empty(B, dtype=torch.float32, device=x.device) if scores is None else scores
         slots = torch.empty(B, dtype=torch.int32, device=x.device) if slots is None else slots
         center, proj, coef, alpha = self._no_stats
-        rare_enqueue(self.scores_for(x), center, proj, coef, alpha, self.threshold, sample_ids, step, scores, slots,
-                     ring.ring_ids, ring.ring_scores, ring.ring_steps, ring.state, ring.scratch, SCORE)
+        ring.enqueue(self.scores_for(x), center, proj, coef, alpha, self.threshold, sample_ids, step, scores, slots,
+                     SCORE)
         with torch.no_grad():
             self.flag_rate.lerp_((scores > self.threshold).float().mean(), 0.01)
         return scores, slots

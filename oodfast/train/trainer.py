@@ -50,10 +50,10 @@ import torch.distributed as dist
 from torch import nn
 
 from oodfast.buffer import RareRing
-from oodfast.data.crops import DEFAULT_RARE_TAU, rare_shares, read_mask
 from oodfast.data.discover import discover
 from oodfast.data.multicrop import MultiCropConfig, multicrop_loader
-from oodfast.detect import DetectorConfig, OracleDetector, RandomDetector, RareDetector, ScoreDetector
+from oodfast.detect import DetectorConfig
+from oodfast.replay import Replay
 from oodfast.train.checkpoint import (check_checkpoint_file, check_writable_dir, load_checkpoint, rng_state,
                                       save_checkpoint, set_rng_state)
 from oodfast.train.config import TrainConfig
@@ -297,46 +297,22 @@ class Trainer:
         self.sched = self.schedules.allocate(self.device)
 
         # ============ the OOD replay buffer ============
-        self.ring: RareRing | None = None
-        self.detector: RareDetector | ScoreDetector | None = None
-        self.encoder: nn.Module | None = None
+        self.replay: Replay | None = None
         if cfg.uses_ring:
-            self.ring = RareRing.for_multicrop(
-                cfg.buffer_size, global_size=cfg.global_size, local_crops_number=cfg.local_crops_number,
-                local_size=cfg.local_size, batch_size=self.B, dtype=self.crops.torch_dtype(self.device),
-                device=self.device)
-            if cfg.replay == "random":
-                self.detector = RandomDetector(1.0 - cfg.ood_percentile, device=self.device)
-            elif cfg.replay == "oracle":
-                self.detector = OracleDetector(self.B, DEFAULT_RARE_TAU, 1.0 - cfg.ood_percentile, device=self.device)
-            else:
-                dim = self.embed_dim
-                if cfg.detector == "frozen":
-                    if not cfg.detector_weights:
-                        raise ValueError(
-                            "--detector frozen needs --detector-weights PATH: a torchvision/DINO ResNet-50 "
-                            "state dict such as dino_resnet50_pretrain.pth (linked from the "
-                            "facebookresearch/dino README) or an oodfast/DINO checkpoint; or use "
-                            "--detector teacher, which needs no weights")
-                    from oodfast.compat import load_resnet50_trunk
-
-                    self.encoder = load_resnet50_trunk(cfg.detector_weights, self.device)
-                    for p in self.encoder.parameters():
-                        p.requires_grad = False
-                    dim = 2048
-                self.detector = RareDetector(dim, DetectorConfig(
-                    metric=cfg.metric, percentile=cfg.ood_percentile, online=cfg.threshold == "online"),
-                    device=self.device)
+            self.replay = Replay.build(
+                cfg.replay, capacity=cfg.buffer_size, batch_size=self.B, global_size=cfg.global_size,
+                local_size=cfg.local_size, local_crops_number=cfg.local_crops_number,
+                dtype=self.crops.torch_dtype(self.device), device=self.device,
+                detector=DetectorConfig(metric=cfg.metric, percentile=cfg.ood_percentile,
+                                        online=cfg.threshold == "online"),
+                source=cfg.detector, embed_dim=self.embed_dim, frozen_weights=cfg.detector_weights,
+                masks=self.files.masks, images=self.files.images, amp=self.amp)
         C = cfg.buffer_size if cfg.uses_ring else 0
         self._staging: list[torch.Tensor] = []
-        if self.ring is None:  # plain DINO: persistent batch tensors without a ring
+        if self.replay is None:  # plain DINO: persistent batch tensors without a ring
             self._staging = [torch.zeros(self.B, 3, s, s, dtype=self.crops.torch_dtype(self.device), device=self.device)
                              for s in [cfg.global_size] * 2 + [cfg.local_size] * cfg.local_crops_number]
         self.rows = self.B + C
-        self._ids = torch.zeros(self.B, dtype=torch.int64, device=self.device)
-        self._step_t = torch.zeros((), dtype=torch.int64, device=self.device)
-        self._scores = torch.zeros(self.B, device=self.device)
-        self._slots = torch.full((self.B,), -1, dtype=torch.int32, device=self.device)
 
         self.step = 0
         self._epoch_losses: list[float] = []  # this epoch's step losses so far (checkpointed mid-epoch)
@@ -377,35 +353,29 @@ class Trainer:
                                 epoch_length=epoch_length, num_workers=self.cfg.num_workers, zero_copy=zero_copy,
                                 **({} if sharded else {"shard_id": 0, "num_shards": 1}))
 
+    @property
+    def ring(self) -> RareRing | None:
+        return self.replay.ring if self.replay is not None else None
+
+    @property
+    def detector(self) -> Any:
+        return self.replay.detector if self.replay is not None else None
+
+    @property
+    def encoder(self) -> nn.Module | None:
+        return self.replay.encoder if self.replay is not None else None
+
     def views(self) -> list[torch.Tensor]:
         """The B + C rows per view the model sees (persistent tensors)."""
-        return self.ring.views() if self.ring is not None else self._staging
+        return self.replay.views() if self.replay is not None else self._staging
 
     def _stage(self, views: list[torch.Tensor], index: torch.Tensor, boxes: torch.Tensor | None = None) -> None:
         """Copy a loader batch into the persistent rows (and, for the oracle, its true rare shares)."""
-        if isinstance(self.detector, OracleDetector):
-            if boxes is None:
-                raise ValueError("the oracle replay needs the batch's crop boxes")
-            shares = [rare_shares(read_mask(self.files.masks[int(i)], self.files.images[int(i)]), b.numpy()).max()
-                      for i, b in zip(index, boxes[:, :2])]
-            self.detector.shares.copy_(torch.tensor(shares, dtype=torch.float32).unsqueeze(1), non_blocking=True)
-        if self.ring is not None:
-            self.ring.stage(views)
+        if self.replay is not None:
+            self.replay.stage(views, index, boxes)
         else:
             for dst, src in zip(self._staging, views):
                 dst.copy_(src, non_blocking=True)
-        self._ids.copy_(index, non_blocking=True)
-
-    @torch.no_grad()
-    def _embed_globals(self, globals_: list[torch.Tensor]) -> torch.Tensor:
-        """Detector embeddings [2, B, D] (fp32) of the staged batch's two global views."""
-        rows = [g[: self.B] for g in globals_]
-        with self.amp:
-            if self.encoder is not None:
-                feats = self.encoder(torch.cat(rows))
-            else:
-                feats = self.teacher.forward_backbone(rows)
-        return feats.float().view(2, self.B, -1)
 
     # ---- the three compiled pieces -------------------------------------------------------------
     def _forward_impl(self, teacher_temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -433,20 +403,8 @@ class Trainer:
             self.loss.apply_center_(center, skip=skipped)
             for b, old in zip(self._norm_state, self._norm_saved):
                 b.copy_(torch.where(skipped, old, b))
-            if self.ring is None:
-                return
-            if self.encoder is not None:  # frozen detector: its own embedding of the staged global crops
-                emb = self._embed_globals(self.views()[:2])
-            else:  # teacher detector (random / oracle replay ignore it): the teacher's embeddings
-                emb = teacher_feats.float().view(2, self.rows, -1)[:, : self.B]
-            ring, det = self.ring, self.detector
-            kept = [ring.state, ring.ring_ids, ring.ring_scores, ring.ring_steps, det.threshold, det.flag_rate]
-            before = [t.clone() for t in kept]
-            det.enqueue(emb, ring, self._ids, self._step_t, scores=self._scores, slots=self._slots)
-            for t, old in zip(kept, before):
-                t.copy_(torch.where(skipped, old, t))
-            self._slots.masked_fill_(skipped, -1)
-            ring.write(self._slots)
+            if self.replay is not None:
+                self.replay.add_(self.replay.step_features(teacher_feats), skipped=skipped)
 
     # ---- calibration and warm-up -----------------------------------------------------------------
     @torch.no_grad()
@@ -456,49 +414,25 @@ class Trainer:
         Every process calibrates on the same images (the first of a seeded permutation), so their
         statistics agree without communication.
         """
-        if not isinstance(self.detector, RareDetector):
+        if self.replay is None or not self.replay.calibrated:
             return
         cfg = self.cfg
         n = round(cfg.calib_frac * len(self.files)) if cfg.calib_frac else cfg.calib_size
         n = max(self.B, min(n, len(self.files)))
         pick = np.random.default_rng(cfg.seed).permutation(len(self.files))[:n]
         subset = [self.files.images[i] for i in sorted(pick)]
-        feats = []
-        for batch in self._loader(subset, cfg.seed + 1, None, sharded=False):
-            feats.append(self._embed_globals([v.to(self.device) for v in batch.views[:2]]).flatten(0, 1))
-        features = torch.cat(feats)
-        self.detector.fit(features)
-        log.info("calibrated %s on %d images (%d global crops): threshold %.4f (%.2f percentile)",
-                 cfg.metric, n, features.shape[0], float(self.detector.threshold), cfg.ood_percentile)
+        feats = [self.replay.embed([v.to(self.device) for v in batch.views[:2]], self.teacher).flatten(0, 1)
+                 for batch in self._loader(subset, cfg.seed + 1, None, sharded=False)]
+        self.replay.calibrate(torch.cat(feats))
 
     @torch.no_grad()
     def warm_up(self) -> None:
-        """Fill the ring before training, as the paper does; top it up with random images if one pass
-        over the data does not find enough rare ones."""
-        if self.ring is None:
+        """Fill the ring before training, as the paper does (:meth:`Replay.warm_up`)."""
+        if self.replay is None:
             return
-        flagged_only = isinstance(self.detector, RareDetector)
-        for batch in self._loader(self.files, self.cfg.seed + 2, self.cfg.epoch_length, zero_copy=True):
-            if self.ring.is_full():
-                break
-            self._stage(batch.views, batch.index, batch.boxes)
-            emb = self._embed_globals(self.views()[:2])
-            self.detector.enqueue(emb, self.ring, self._ids, self._step_t, scores=self._scores, slots=self._slots)
-            self.ring.write(self._slots)
-        if not self.ring.is_full():
-            log.warning("warm-up: one pass found %d of %d rare images; topping up with random images",
-                        int(self.ring.count), self.cfg.buffer_size)
-            filler = RandomDetector(0.5, device=self.device)
-            while not self.ring.is_full():
-                for batch in self._loader(self.files, self.cfg.seed + 3, None, zero_copy=True):
-                    self._stage(batch.views, batch.index, batch.boxes)
-                    filler.enqueue(self._scores.unsqueeze(1), self.ring, self._ids, self._step_t,
-                                   scores=self._scores, slots=self._slots)
-                    self.ring.write(self._slots)
-                    if self.ring.is_full():
-                        break
-        log.info("warm-up done: %d images in the buffer (%s)", int(self.ring.count),
-                 "flagged" if flagged_only else "random")
+        self.replay.warm_up(self._loader(self.files, self.cfg.seed + 2, self.cfg.epoch_length, zero_copy=True),
+                            teacher=self.teacher,
+                            refill=lambda: self._loader(self.files, self.cfg.seed + 3, None, zero_copy=True))
 
     # ---- the loop ----------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -538,7 +472,7 @@ class Trainer:
             if signum:
                 self._stop(stop, epoch, signum)
             skip = self.step - epoch * self.steps_per_epoch  # > 0: resuming inside this epoch
-            if cfg.detector == "teacher" and isinstance(self.detector, RareDetector) and epoch > 0 and skip == 0:
+            if self.replay is not None and self.replay.follows_teacher and epoch > 0 and skip == 0:
                 self.calibrate()  # the teacher has moved: refresh the statistics at every epoch start
             self.loader.set_epoch(epoch)
             self._bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {epoch}", unit="step",
@@ -592,7 +526,8 @@ class Trainer:
         (:meth:`_settle`); ``self.step`` is not advanced here."""
         cfg = self.cfg
         self.schedules.write_(self.step, self.sched)
-        self._step_t.fill_(self.step)
+        if self.replay is not None:
+            self.replay.step.fill_(self.step)
         sync = self.grad_sync
         sync.zero_()
         loss, teacher_feats, center, nonfinite = self._forward(self.sched.teacher_temp)
@@ -618,8 +553,7 @@ class Trainer:
         if log:
             scalars["teacher_entropy"] = self.loss.teacher_entropy
             if self.ring is not None:
-                scalars.update(flag_rate=self.detector.flag_rate, threshold=self.detector.threshold,
-                               buffer=self.ring.count, nonfinite=self.ring.nonfinite_total)
+                scalars.update(self.replay.monitor())
         self._readout.push({"step": self.step, "epoch": epoch, "log": log, "timed": timed, "values": values},
                            scalars)
 
@@ -720,8 +654,7 @@ class Trainer:
     def _own_state(self) -> dict[str, Any]:
         """What differs between DDP ranks: this rank's buffer, detector, RNG and partial epoch's losses
         (the checkpoint's top level holds rank 0's; under DDP ``ranks`` holds every rank's)."""
-        return {"ring": self.ring.state_dict() if self.ring is not None else None,
-                "detector": self.detector.state_dict() if self.detector is not None else None,
+        return {**(self.replay.state_dict() if self.replay is not None else {"ring": None, "detector": None}),
                 "rng": rng_state(), "epoch_losses": list(self._epoch_losses) if self.step % self.steps_per_epoch else []}
 
     def save(self, epoch: int, numbered: bool = True) -> None:
@@ -763,10 +696,8 @@ class Trainer:
         elif self.world > 1:
             log.warning("the checkpoint holds %s; every rank restores rank 0's buffer, detector and RNG",
                         f"the states of {len(ranks)} ranks, not {self.world}" if ranks else "one rank's state")
-        if self.ring is not None and mine.get("ring") is not None:
-            self.ring.load_state_dict(mine["ring"])
-        if self.detector is not None and mine.get("detector") is not None:
-            self.detector.load_state_dict(mine["detector"])
+        if self.replay is not None:
+            self.replay.load_state_dict(mine)
         self.step = int(ckpt["step"])
         self._epoch_losses = [float(v) for v in mine.get("epoch_losses", [])]
         set_rng_state(mine["rng"])

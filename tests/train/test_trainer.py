@@ -401,7 +401,7 @@ def test_two_process_gloo_run(data_root, tmp_path):
         "born = digest(t.teacher)\n"
         "s = t.train()\n"
         "print(f'RANK {dist.get_rank()} WORLD {dist.get_world_size()} STEPS {s[\"steps\"]} BORN {born} '\n"
-        "      f'STUDENT {digest(t.student)} TEACHER {digest(t.teacher)} IDS {t._ids.tolist()}\\n', end='', flush=True)\n"),
+        "      f'STUDENT {digest(t.student)} TEACHER {digest(t.teacher)} IDS {t.replay.ids.tolist()}\\n', end='', flush=True)\n"),
         port=29533)
     assert [line.split()[1] for line in lines] == ["0", "1"]
     assert all("WORLD 2 STEPS 3" in line for line in lines)
