@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from oodfast.evaluate.represent import mean_interval
+from oodfast.evaluate.probe_metrics import mean_interval
 
 __all__ = ["HEADLINE_METRICS", "compare_representations", "comparison_markdown", "read_report"]
 

@@ -1,0 +1,65 @@
+"""Frozen encoders from checkpoints, weights files or 'random' (oodfast.encoders.load_encoder)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oodfast.encoders import build_backbone, load_encoder
+from oodfast.train.checkpoint import save_checkpoint
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoders
+# --------------------------------------------------------------------------------------------------
+
+
+def dino_checkpoint(path, backbone: torch.nn.Module, arch: str):  # noqa: ANN001, ANN201
+    teacher = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    teacher["head.mlp.0.weight"] = torch.zeros(4, 512)
+    return save_checkpoint(path, {"student": teacher, "teacher": teacher, "optimizer": {}, "epoch": 1,
+                                  "args": {"arch": arch}, "dino_loss": {}})
+
+
+def test_load_encoder_random_is_seeded_and_frozen() -> None:
+    state = torch.get_rng_state()
+    a = load_encoder("random", "resnet18", "cpu", seed=3)
+    b = load_encoder("random", "resnet18", "cpu", seed=3)
+    c = load_encoder("random", "resnet18", "cpu", seed=4)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
+    assert torch.equal(a.conv1.weight, b.conv1.weight) and not torch.equal(a.conv1.weight, c.conv1.weight)
+    assert not a.training and not any(p.requires_grad for p in a.parameters())
+    assert a(torch.zeros(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_load_encoder_from_checkpoint_and_plain_state_dict(tmp_path) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    net, _ = build_backbone("resnet18")
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_()
+    path = dino_checkpoint(tmp_path / "checkpoint.pth", net, "resnet18")
+    enc = load_encoder(path, "resnet18", "cpu")
+    for k, v in net.state_dict().items():
+        assert torch.equal(enc.state_dict()[k], v), k
+    # DINO's released backbone weights: a bare state dict (a torchvision fc is ignored).
+    bare = {**net.state_dict(), "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
+    torch.save(bare, tmp_path / "bare.pth")
+    enc2 = load_encoder(tmp_path / "bare.pth", "resnet18", "cpu")
+    assert torch.equal(enc2.conv1.weight, net.conv1.weight)
+
+
+def test_load_encoder_clear_errors(tmp_path) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match="does not exist"):
+        load_encoder(tmp_path / "nope.pth", "resnet18", "cpu")
+    net, _ = build_backbone("resnet18")
+    path = dino_checkpoint(tmp_path / "checkpoint.pth", net, "resnet18")
+    with pytest.raises(ValueError, match=r"missing \(first: layer1\.2\.") as err:
+        load_encoder(path, "resnet34", "cpu")
+    assert "'resnet18'" in str(err.value)  # the arch it was trained with
+    with pytest.raises(ValueError, match=r"mis-shaped: .*\(64, 64, 3, 3\)"):
+        load_encoder(path, "resnet50", "cpu")
+    with pytest.raises(ValueError, match="unknown backbone arch"):
+        load_encoder("random", "resnet7", "cpu")
+    with pytest.raises(ValueError, match="no 'ema'"):
+        load_encoder(path, "resnet18", "cpu", checkpoint_key="ema")
