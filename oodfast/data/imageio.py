@@ -1,6 +1,6 @@
 """Opening images the way every loader must: the file named in each error, 8-bit RGB out, a pixel limit.
 
-Every path that reads pixels (``data check``, ``--aug reference``, ``--aug torch``'s fallback for
+Every path that reads pixels (``data check``, ``--aug paper``, ``--aug torch``'s fallback for
 formats torchvision cannot decode, the header parse of ``--aug dali`` / ``torch``) goes through
 here, so they agree on what each PIL mode means in 8-bit RGB (the values DALI's decoder gives):
 

@@ -107,7 +107,7 @@ def test_every_mode_decodes_to_dalis_8bit_rgb(tmp_path: Path, case: str, backend
     name, data, expected, tol = CASES[case]
     path = tmp_path / name
     path.write_bytes(data)
-    if expected is None:  # CMYK: PIL's conversion of the decoded JPEG is the reference
+    if expected is None:  # CMYK: PIL's conversion of the decoded JPEG is the expected colour
         expected = tuple(np.asarray(Image.open(path).convert("RGB"))[0, 0].tolist())
     got = decoded_rgb(next(iter(loader([path], backend))))
     err = (got - torch.tensor(expected, dtype=torch.float32)).abs().max().item()

@@ -176,7 +176,7 @@ def test_a_dead_worker_is_a_clear_error_not_a_hang(tmp_path: Path) -> None:
     # Force the pool where workers cannot start: each dies at once, which multiprocessing.Pool would
     # wait on forever.
     result = _run_piped(
-        "import oodfast.data.synthdrive as sd\n"
+        "import oodfast.data.synthdrive.dataset as sd\n"
         "sd._main_reimportable = lambda: True\n"
         f"sd.generate({str(tmp_path / 'sd')!r}, 4, seed=0, config=sd.SynthConfig(width=96, height=64), workers=2,"
         " progress=False)\n", tmp_path)
