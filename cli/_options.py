@@ -26,11 +26,11 @@ def check_report_paths(*paths: Path | None) -> None:
 
 
 def available_devices() -> list[str]:
-    """The devices this machine can run on: ``cpu``, and ``cuda``, ``cuda:0`` ... when torch sees GPUs."""
-    import torch
+    """The devices this machine can run on (:func:`oodfast.devices.available_devices`; torch is imported
+    only when a command parses ``--device``)."""
+    from oodfast.devices import available_devices as devices
 
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return ["cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(n)] if n else [])
+    return devices()
 
 
 class Device(click.ParamType):
@@ -44,9 +44,10 @@ class Device(click.ParamType):
         if text in valid:
             return text
         if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
-            why = ("torch sees no CUDA GPU (driver missing, or a CPU-only torch build)" if valid == ["cpu"]
-                   else f"this machine has {len(valid) - 2} GPU(s)")
-            self.fail(f"{value!r}: {why}; valid devices here: {', '.join(valid)}", param, ctx)
+            from oodfast.devices import no_gpu_message
+
+            why = no_gpu_message(value) if valid == ["cpu"] else f"{value!r}: this machine has {len(valid) - 2} GPU(s)"
+            self.fail(f"{why}; valid devices here: {', '.join(valid)}", param, ctx)
         self.fail(f"{value!r} is not a device; valid devices here: {', '.join(valid)} "
                   "(cpu, cuda or cuda:N)", param, ctx)
 

@@ -49,7 +49,7 @@ DINO_OPTIONS: list[tuple[str, str, Any, str]] = [
 #: TrainConfig field -> the option that sets it, so a config error names what the user typed.
 FLAGS: dict[str, str] = {name: flag for flag, name, _, _ in DINO_OPTIONS} | {
     "aug": "--aug", "detector": "--detector", "detector_weights": "--detector-weights", "metric": "--metric",
-    "threshold": "--threshold", "replay": "--replay", "data": "--data", "data_root": "--data-root",
+    "threshold_mode": "--threshold", "replay": "--replay", "data": "--data", "data_root": "--data-root",
 }
 
 
@@ -91,7 +91,7 @@ def _dino_options(fn):
               help="ResNet-50 state dict (e.g. dino_resnet50_pretrain.pth) or a DINO checkpoint, for --detector frozen.")
 @click.option("--metric", type=click.Choice(["euclidean", "cosine", "mahalanobis", "knn"]), default=None,
               help="Rarity score (paper: euclidean distance to the mean).")
-@click.option("--threshold", type=click.Choice(["fixed", "online"]), default=None,
+@click.option("--threshold", "threshold_mode", type=click.Choice(["fixed", "online"]), default=None,
               help="online: adapt the threshold on the device to hold the calibrated flag rate.")
 @click.option("--no-ood", is_flag=True, help="Plain DINO: no buffer (ablation).")
 @click.option("--replay", type=click.Choice(["ood", "random", "oracle"]), default=None,
@@ -105,22 +105,21 @@ def _dino_options(fn):
 @_dino_options
 def train(data: str, data_root: Path | None, synthetic_images: int | None, synthetic_size: tuple[int, int] | None,
           preset: str, aug: str | None, detector: str | None,
-          detector_weights: str | None, metric: str | None, threshold: str | None, no_ood: bool, replay: str | None,
+          detector_weights: str | None, metric: str | None, threshold_mode: str | None, no_ood: bool, replay: str | None,
           no_compile: bool, tensorboard: bool, resume: str | None, device: str | None, json_path: Path | None,
           markdown_path: Path | None, **dino: Any) -> None:
     """Train DINO with the OOD replay buffer (default: on synthdrive, anywhere)."""
-    import torch
-
+    from oodfast.devices import default_device
     from oodfast.report import markdown_table, write_report
     from oodfast.train.checkpoint import check_checkpoint_file, check_writable_dir
     from oodfast.train.config import PRESETS, preset_for
     from oodfast.train.trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     name = preset_for(device) if preset == "auto" else preset
     overrides = {k: v for k, v in dino.items() if v is not None}
     overrides.update({k: v for k, v in dict(aug=aug, detector=detector, detector_weights=detector_weights,
-                                             metric=metric, threshold=threshold).items() if v is not None})
+                                             metric=metric, threshold_mode=threshold_mode).items() if v is not None})
     overrides.update(data=data, data_root=str(data_root) if data_root else None)
     spec = {}
     if synthetic_images:

@@ -156,7 +156,7 @@ def prepared_trainer(trainer: Any) -> Any:
     trainer.calibrate()
     trainer.warm_up()
     batch = next(iter(trainer.loader))
-    trainer._stage(batch.views, batch.index, batch.boxes)
+    trainer.stage(batch.views, batch.index, batch.boxes)
     return trainer
 
 
@@ -165,7 +165,7 @@ def train_step(t: Any) -> None:
     backward, all-reduce, clipping, AdamW, post-step), its scalars read back a step late as the training
     loop does."""
     t.run_step()
-    t._readout.pop(keep=1)
+    t.monitor.readout.pop(keep=1)
 
 
 def ring_case(device: torch.device, B: int, C: int, flagged: int, dtype: torch.dtype):

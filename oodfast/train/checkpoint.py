@@ -31,6 +31,13 @@ from oodfast.fileio import atomic_path
 
 DINO_KEYS = ("student", "teacher", "optimizer", "epoch", "args", "dino_loss")
 
+#: Settings that may change when a run is continued: where and how it runs, not what it trains.
+RESUMABLE_CHANGES = frozenset({"output_dir", "data_root", "num_workers", "log_every", "tensorboard", "max_steps",
+                               "max_bad_steps", "saveckp_freq", "compile", "deterministic"})
+
+#: Config keys of earlier checkpoints, mapped to their name now (``threshold`` was the threshold mode).
+RENAMED_CONFIG_KEYS = {"threshold": "threshold_mode"}
+
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, unsafe, or does not fit this run."""
@@ -78,6 +85,43 @@ def check_writable_dir(path: str | os.PathLike[str], what: str = "--output_dir")
         raise OutputDirError(f"{what} {path} is not writable ({e.strerror or e}); choose a folder you can write to "
                              "or fix its permissions", e.errno) from None
     return path
+
+
+def stored_config(stored: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A checkpoint's ``config`` with the keys of earlier versions renamed (:data:`RENAMED_CONFIG_KEYS`)."""
+    if not isinstance(stored, dict):
+        return None
+    config = dict(stored)
+    for old, new in RENAMED_CONFIG_KEYS.items():
+        if old in config and new not in config:
+            config[new] = config.pop(old)
+    return config
+
+
+def check_same_run(stored: dict[str, Any] | None, current: dict[str, Any], path: Path) -> None:
+    """Raise ValueError naming every setting of ``current`` (a ``TrainConfig.to_dict()``) that
+    contradicts the run stored in ``path`` (its checkpoint's ``config``, earlier key names accepted),
+    except those in :data:`RESUMABLE_CHANGES`. A checkpoint without a stored config (e.g.
+    facebookresearch/dino's own) is not checked."""
+    stored = stored_config(stored)
+    if stored is None:
+        return
+    differ = [f"{key}: {stored[key]!r} in the run, {current[key]!r} now" for key in current
+              if key in stored and key not in RESUMABLE_CHANGES and stored[key] != current[key]]
+    if differ:
+        raise ValueError(f"{path} holds a run with other settings ({'; '.join(differ)}); use the run's settings "
+                         "to continue it, or a new --output_dir to start another")
+
+
+def to_cpu(tree: Any) -> Any:
+    """``tree`` (dicts, lists, tuples) with every tensor moved to the CPU."""
+    if isinstance(tree, torch.Tensor):
+        return tree.cpu()
+    if isinstance(tree, dict):
+        return {k: to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_cpu(v) for v in tree)
+    return tree
 
 
 def rng_state() -> dict[str, Any]:

@@ -154,7 +154,9 @@ class TrainConfig:
     none = plain DINO),
     ``buffer_size`` (C), ``detector`` (teacher = reuse the teacher's embedding of the global crops;
     frozen = a separate frozen encoder from ``detector_weights``), ``metric``, ``calib_size`` /
-    ``calib_frac``, ``ood_percentile``, ``threshold`` (fixed | online).
+    ``calib_frac``, ``ood_percentile`` (the calibration scores' percentile the threshold is set at),
+    ``threshold_mode`` (fixed | online: the threshold then adapts to hold the calibrated flag rate;
+    CLI ``--threshold``).
 
     Runtime: ``compile`` (torch.compile the step), ``bf16`` (autocast on CUDA), ``channels_last``,
     ``seed``, ``deterministic``, ``output_dir``, ``saveckp_freq``, ``log_every``, ``tensorboard`` (also write
@@ -201,7 +203,7 @@ class TrainConfig:
     calib_size: int = 256
     calib_frac: float | None = None
     ood_percentile: float = 0.95
-    threshold: str = "fixed"
+    threshold_mode: str = "fixed"
     # runtime
     compile: bool = True
     bf16: bool = True
@@ -223,7 +225,7 @@ class TrainConfig:
             object.__setattr__(self, "aug", AUG_ALIASES[self.aug])
         for name in FIELD_RANGES:
             check_field(name, getattr(self, name))
-        choices = {"replay": REPLAY_MODES, "detector": DETECTOR_MODES, "threshold": THRESHOLD_MODES,
+        choices = {"replay": REPLAY_MODES, "detector": DETECTOR_MODES, "threshold_mode": THRESHOLD_MODES,
                    "aug": AUG_BACKENDS, "metric": METRICS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

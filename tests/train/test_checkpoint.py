@@ -193,3 +193,14 @@ def test_read_only_dir_is_refused_for_real(tmp_path):
             check_writable_dir(ro / "sub")
     finally:
         ro.chmod(0o700)
+
+
+def test_a_stored_config_with_earlier_key_names_is_read_under_the_new_ones():
+    """A checkpoint from before ``threshold`` (the mode) became ``threshold_mode`` is still checked."""
+    from oodfast.train.checkpoint import check_same_run, stored_config
+
+    assert stored_config({"threshold": "online", "arch": "x"}) == {"threshold_mode": "online", "arch": "x"}
+    assert stored_config(None) is None
+    check_same_run({"threshold": "online"}, {"threshold_mode": "online"}, Path("c.pth"))
+    with pytest.raises(ValueError, match="threshold_mode: 'fixed' in the run, 'online' now"):
+        check_same_run({"threshold": "fixed"}, {"threshold_mode": "online"}, Path("c.pth"))

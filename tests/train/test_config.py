@@ -84,7 +84,7 @@ def test_cross_field_limits_name_both_fields():
 
 @pytest.mark.parametrize("field, value", [
     ("global_crops_scale", (0.5, 0.2)), ("local_crops_scale", (0.0, 0.4)), ("local_crops_scale", (0.05, NAN)),
-    ("global_crops_scale", (0.4,)), ("metric", "euclid"), ("aug", "pil"), ("threshold", "adaptive"),
+    ("global_crops_scale", (0.4,)), ("metric", "euclid"), ("aug", "pil"), ("threshold_mode", "adaptive"),
     ("replay", "sometimes"), ("output_dir", ""),
 ])
 def test_other_bad_settings_are_refused(field, value):

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from oodfast.data.multicrop import MultiCropConfig
-from oodfast.train.distributed import GradientSync, broadcast_from_rank0_
-from oodfast.train.trainer import crop_dtype
+from oodfast.train.grad_sync import GradientSync
+from oodfast.train.runtime import broadcast_from_rank0_, crop_dtype
 
 
 def test_gradients_accumulate_into_views_of_one_buffer_with_their_parameters_strides():

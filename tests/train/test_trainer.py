@@ -16,7 +16,8 @@ from oodfast.bench.stages import prepared_trainer as staged  # calibrated, warme
 from oodfast.detect import RandomDetector, RareDetector
 from oodfast.train.checkpoint import CheckpointError, load_checkpoint
 from oodfast.train.config import TrainConfig
-from oodfast.train.trainer import StopSignals, Trainer, TrainingDiverged, TrainingInterrupted, resolve_device
+from oodfast.train.runtime import StopSignals, resolve_device
+from oodfast.train.trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
 SPEC = dict(num_images=64, seed=0, width=128, height=72)
 
@@ -67,7 +68,7 @@ def test_a_step_never_reads_a_tensor_on_the_host(data_root, tmp_path):
     t.run_step()  # first step: lazy optimizer state
     with no_host_reads():
         t.run_step(log=True)
-    assert t._settle() == 0 and t._last["step"] == 0 and t._last["loss"] > 0
+    assert t.monitor.settle() == 0 and t.monitor.last["step"] == 0 and t.monitor.last["loss"] > 0
 
 
 @pytest.mark.parametrize("detector", ["teacher", "random"])
@@ -77,22 +78,22 @@ def test_a_skipped_step_changes_nothing(data_root, tmp_path, detector):
     t = staged(Trainer(tiny(data_root, tmp_path / detector, replay="ood" if detector == "teacher" else "random"),
                        progress=False))
     t.run_step()  # the optimizer's state exists
-    t.detector.threshold.fill_(-float("inf"))
-    original = t.loss.forward
-    t.loss.forward = lambda *a, **k: original(*a, **k) * float("nan")
+    t.replay.detector.threshold.fill_(-float("inf"))
+    original = t.dino.loss.forward
+    t.dino.loss.forward = lambda *a, **k: original(*a, **k) * float("nan")
 
     def snapshot():
-        return [x.detach().clone() for x in (*t.student.state_dict().values(), *t.teacher.state_dict().values(),
-                *(v for s in t.optimizer.state.values() for v in s.values()), t.loss.center,
-                *t.ring.state_dict().values(), *t.ring.views(), *t.detector.state_dict().values())]
+        return [x.detach().clone() for x in (*t.dino.student.state_dict().values(), *t.dino.teacher.state_dict().values(),
+                *(v for s in t.dino.optimizer.state.values() for v in s.values()), t.dino.loss.center,
+                *t.ring.state_dict().values(), *t.ring.views(), *t.replay.detector.state_dict().values())]
 
     before = snapshot()
     t.run_step()
     after = snapshot()
     assert len(before) == len(after)
     assert all(torch.equal(a, b) or (a.isnan().all() and b.isnan().all()) for a, b in zip(before, after))
-    assert t._settle() == 0 and t._bad_in_row == 1
-    t.loss.forward = original
+    assert t.monitor.settle() == 0 and t.monitor.bad_in_row == 1
+    t.dino.loss.forward = original
     enqueued = int(t.ring.enqueued_total)
     t.run_step()  # a finite step after it: the same threshold flags the whole batch
     assert int(t.ring.enqueued_total) == enqueued + t.B
@@ -121,6 +122,27 @@ def test_short_run_writes_a_dino_checkpoint_that_torchvision_loads(data_root, tm
                   "threshold", "buffer", "images_per_s"):
         assert field in rec, field
     assert rec["buffer"] == 2 and 0 < rec["entropy_ratio"] <= 1.0
+
+
+def test_checkpoint_keys_are_unchanged_and_one_saved_before_the_threshold_mode_rename_resumes(data_root, tmp_path):
+    """The checkpoint layout stays as it was (top level, ring, detector), and a checkpoint whose stored
+    config still says ``threshold`` (the mode's earlier name) resumes, and is checked, under the new name."""
+    out = tmp_path / "old"
+    t = Trainer(tiny(data_root, out, threshold_mode="online"), progress=False)
+    t.save(0, numbered=False)
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    assert set(ckpt) == {"student", "teacher", "optimizer", "epoch", "args", "dino_loss", "step", "config", "ring",
+                         "detector", "rng", "epoch_losses"}
+    assert set(ckpt["ring"]) == {"ring_ids", "ring_scores", "ring_steps", "state", "crops0", "crops1"}
+    assert set(ckpt["detector"]) == {"center", "proj", "coef", "alpha", "bank", "threshold", "spread", "flag_rate",
+                                     "fitted"}
+    for stored in (ckpt["config"], ckpt["args"]):
+        stored["threshold"] = stored.pop("threshold_mode")
+    torch.save(ckpt, out / "checkpoint.pth")
+    again = Trainer(tiny(data_root, out, threshold_mode="online"), progress=False)
+    assert again.resumed and again.step == 0
+    with pytest.raises(ValueError, match="threshold_mode: 'online' in the run, 'fixed' now"):
+        Trainer(tiny(data_root, out), progress=False)
 
 
 def test_the_same_command_again_continues_its_run_and_a_contradicting_one_is_refused(data_root, tmp_path):
@@ -196,19 +218,19 @@ def test_sigterm_mid_epoch_checkpoints_that_step_and_resume_continues_exactly(da
 
     # an online threshold and a fast-moving teacher: a resume that re-fitted the detector, or lost its
     # adapted threshold, would show in the per-step records
-    moving = dict(threshold="online", momentum_teacher=0.9)
+    moving = dict(threshold_mode="online", momentum_teacher=0.9)
     full = Trainer(tiny(data_root, tmp_path / "full", **moving), progress=False)
     full.train()
     out = tmp_path / "part"
     trainer = Trainer(tiny(data_root, out, **moving), progress=False)
-    post = trainer._post
+    post = trainer.dino._post
 
     def post_then_preempt(*args):  # SIGTERM arrives during step 5 (the second of epoch 1's four)
         post(*args)
         if trainer.step == 5:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    trainer._post = post_then_preempt
+    trainer.dino._post = post_then_preempt
     handler_before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrainingInterrupted, match=r"SIGTERM: stopped after step 6 of 8.*--resume") as e:
         trainer.train()
@@ -226,8 +248,8 @@ def test_sigterm_mid_epoch_checkpoints_that_step_and_resume_continues_exactly(da
     assert records(out, keys) == pytest.approx(records(tmp_path / "full", keys), rel=1e-5)
     assert load_checkpoint(out / "checkpoint.pth")["step"] == 8
     assert torch.equal(resumed.ring.ring_ids, full.ring.ring_ids)
-    for name, value in full.detector.state_dict().items():
-        torch.testing.assert_close(resumed.detector.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for name, value in full.replay.detector.state_dict().items():
+        torch.testing.assert_close(resumed.replay.detector.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def records(out: Path, keys: tuple[str, ...]) -> list[float]:
@@ -296,12 +318,12 @@ def test_ablation_flags_change_what_they_claim(data_root, tmp_path):
 
     rand = Trainer(tiny(data_root, tmp_path / "rand", replay="random", max_steps=2), progress=False)
     rand.train()
-    assert isinstance(rand.detector, RandomDetector) and rand.ring.is_full()
+    assert isinstance(rand.replay.detector, RandomDetector) and rand.ring.is_full()
     assert all(v.shape[0] == 4 + 2 for v in rand.views())
 
     ood = Trainer(tiny(data_root, tmp_path / "ood", max_steps=2), progress=False)
     ood.train()
-    assert isinstance(ood.detector, RareDetector) and torch.isfinite(ood.detector.threshold)
+    assert isinstance(ood.replay.detector, RareDetector) and torch.isfinite(ood.replay.detector.threshold)
 
 
 def test_non_finite_losses_skip_then_stop_keeping_the_checkpoint(data_root, tmp_path):
@@ -310,8 +332,8 @@ def test_non_finite_losses_skip_then_stop_keeping_the_checkpoint(data_root, tmp_
     before = (out / "checkpoint.pth").read_bytes()
     trainer = Trainer(tiny(data_root, out, epochs=3, max_bad_steps=3), progress=False,
                       resume=out / "checkpoint.pth")
-    original = trainer.loss.forward
-    trainer.loss.forward = lambda *a, **k: original(*a, **k) * float("nan")
+    original = trainer.dino.loss.forward
+    trainer.dino.loss.forward = lambda *a, **k: original(*a, **k) * float("nan")
     with pytest.raises(TrainingDiverged, match="3 consecutive non-finite losses"):
         trainer.train()
     assert (out / "checkpoint.pth").read_bytes() == before
@@ -358,7 +380,7 @@ def test_compiled_steps_match_eager_without_recompiling(data_root, tmp_path):
         # the default (compiled) step reads nothing on the host either
         compiled.step = 5
         batch = next(iter(compiled.loader))
-        compiled._stage(batch.views, batch.index, batch.boxes)
+        compiled.stage(batch.views, batch.index, batch.boxes)
         with no_host_reads():
             compiled.run_step(log=True)
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-3)
@@ -398,10 +420,10 @@ def test_two_process_gloo_run(data_root, tmp_path):
         "    return hashlib.sha256(b''.join(p.detach().numpy().tobytes() for p in m.parameters())).hexdigest()[:16]\n"
         f"t = Trainer(tiny({data_root!r}, Path({str(out)!r}), max_steps=3, epoch_length=32, compile=True),"
         " progress=False)\n"
-        "born = digest(t.teacher)\n"
+        "born = digest(t.dino.teacher)\n"
         "s = t.train()\n"
         "print(f'RANK {dist.get_rank()} WORLD {dist.get_world_size()} STEPS {s[\"steps\"]} BORN {born} '\n"
-        "      f'STUDENT {digest(t.student)} TEACHER {digest(t.teacher)} IDS {t.replay.ids.tolist()}\\n', end='', flush=True)\n"),
+        "      f'STUDENT {digest(t.dino.student)} TEACHER {digest(t.dino.teacher)} IDS {t.replay.ids.tolist()}\\n', end='', flush=True)\n"),
         port=29533)
     assert [line.split()[1] for line in lines] == ["0", "1"]
     assert all("WORLD 2 STEPS 3" in line for line in lines)
@@ -430,12 +452,12 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(data_root, tmp_p
     out = tmp_path / "ddp-stop"
     lines = torchrun2(tmp_path, "ddp_stop", (
         f"t = Trainer(tiny({data_root!r}, Path({str(out)!r}), epoch_length=64), progress=False)\n"
-        "post = t._post\n"
+        "post = t.dino._post\n"
         "def post_then_signal(*a):\n"
         "    post(*a)\n"
         "    if dist.get_rank() == 1 and t.step == 2:\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "t._post = post_then_signal\n"
+        "t.dino._post = post_then_signal\n"
         "try:\n"
         "    t.train()\n"
         "except TrainingInterrupted:\n"
@@ -460,12 +482,12 @@ def test_torchrun_cli_run_stopped_by_a_signal_leaves_the_checkpoint_of_that_step
         "from oodfast.cli import main\n"
         "save = trainer_module.save_checkpoint\n"
         "trainer_module.save_checkpoint = lambda *a, **k: (time.sleep(2), save(*a, **k))[1]\n"
-        "stage = Trainer._stage\n"
+        "stage = Trainer.stage\n"
         "def stage_then_signal(self, *a):\n"
         "    if self.step == 2:\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
         "    return stage(self, *a)\n"
-        "Trainer._stage = stage_then_signal\n"
+        "Trainer.stage = stage_then_signal\n"
         f"sys.argv = ['oodfast', 'train', '--data', 'synthetic', '--data-root', {data_root!r}, '--preset', 'cpu',\n"
         "    '--arch', 'resnet18', '--out_dim', '64', '--global-size', '32', '--local-size', '16',\n"
         "    '--local_crops_number', '2', '--batch_size_per_gpu', '4', '--epochs', '2', '--epoch-length', '64',\n"
@@ -498,9 +520,9 @@ def test_frozen_detector_mode_scores_with_the_given_weights(data_root, tmp_path)
     t = Trainer(tiny(data_root, tmp_path / "frozen", detector="frozen", detector_weights=str(weights), max_steps=3),
                 progress=False)
     t.train()
-    assert t.encoder is not None and t.detector.dim == 2048
-    assert not any(p.requires_grad for p in t.encoder.parameters())
-    assert t.ring.is_full() and torch.isfinite(t.detector.threshold)
+    assert t.replay.encoder is not None and t.replay.detector.dim == 2048
+    assert not any(p.requires_grad for p in t.replay.encoder.parameters())
+    assert t.ring.is_full() and torch.isfinite(t.replay.detector.threshold)
 
 
 @pytest.mark.slow
@@ -541,7 +563,7 @@ def test_oracle_replay_fills_the_buffer_with_truly_rare_images(data_root, tmp_pa
 
     t = Trainer(tiny(data_root, tmp_path / "oracle", replay="oracle", max_steps=4), progress=False)
     t.train()
-    assert isinstance(t.detector, OracleDetector) and t.ring.is_full()
+    assert isinstance(t.replay.detector, OracleDetector) and t.ring.is_full()
     for i in t.ring.ring_ids.tolist():
         mask = np.asarray(Image.open(t.files.masks[i]))
         assert np.isin(mask, RARE_CLASS_IDS).any(), f"image {i} in the oracle buffer has no rare pixels"

@@ -1,4 +1,4 @@
-"""Data parallelism for the compiled DINO step: one flat gradient all-reduce, rank 0's weights everywhere.
+"""GradientSync: data parallelism for the compiled DINO step, one flat gradient all-reduce.
 
 Why not ``DistributedDataParallel``: the step is compiled with ``torch.compile(fullgraph=True)``, and
 dynamo cannot trace ``DistributedDataParallel.forward`` (its reducer is a C++ object driven from
@@ -12,8 +12,8 @@ boundaries (DDPOptimizer), which ``fullgraph=True`` forbids. So the student is a
 * a few further slots ride along in the same all-reduce: the step's non-finite flag, the signals a
   rank received, and the DINO loss's batch centre, so the ranks agree on skipping, stopping and the
   centre without another collective;
-* :func:`broadcast_from_rank0_` gives every rank rank 0's parameters and buffers before training, as
-  DDP's constructor does.
+* :func:`oodfast.train.runtime.broadcast_from_rank0_` gives every rank rank 0's parameters and buffers
+  before training, as DDP's constructor does.
 
 Compared with DDP this gives up the overlap of communication with the backward pass (for ResNet-50,
 100 MB of fp32 gradients: about a millisecond on NVLink) and gains a step that compiles whole.
@@ -21,37 +21,13 @@ Compared with DDP this gives up the overlap of communication with the backward p
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["GradientSync", "broadcast_from_rank0_", "init_distributed"]
-
-
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size), initialising the process group under torchrun (NCCL on CUDA, gloo on CPU).
-
-    Outside torchrun (no ``WORLD_SIZE`` > 1) this is (0, 1) and nothing is initialised.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-@torch.no_grad()
-def broadcast_from_rank0_(module: nn.Module) -> None:
-    """Overwrite every parameter and buffer of ``module`` with rank 0's, in place (DDP's constructor does
-    this); a no-op without a process group."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    for t in [*module.parameters(), *module.buffers()]:
-        dist.broadcast(t.data, src=0)
+__all__ = ["GradientSync"]
 
 
 class GradientSync:
