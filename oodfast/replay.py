@@ -144,7 +144,7 @@ class Replay:
         return self.encoder is None and isinstance(self.detector, RareDetector)
 
     @property
-    def calibrated(self) -> bool:
+    def needs_calibration(self) -> bool:
         """Whether the detector has statistics to fit (the random and oracle modes have none)."""
         return isinstance(self.detector, RareDetector)
 
