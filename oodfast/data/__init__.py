@@ -4,6 +4,7 @@ Layout (a module imports only modules listed above it, so there is no import cyc
 
     classes      the 19 BDD train IDs, their names, the rare classes
     cache        cache_dir: where generated datasets and clean file lists live
+    errors       DatasetError, the base of every bad-input error about a dataset
     crops        RandomResizedCrop boxes, rare-pixel shares of crops, reading masks
     imageio      opening images: 8-bit RGB out, the pixel limit, the file named in each error
     synthdrive/  the embedded street-scene dataset: config, canvas, sprites, grading, scene, dataset
@@ -15,9 +16,10 @@ Layout (a module imports only modules listed above it, so there is no import cyc
 
 from __future__ import annotations
 
-from oodfast.data.check import BadFile, CheckReport, check_dataset
 from oodfast.data.cache import cache_dir
-from oodfast.data.discover import DatasetError, DatasetFiles, default_file_list_path, discover
+from oodfast.data.check import BadFile, CheckReport, check_dataset
+from oodfast.data.discover import DatasetFiles, default_file_list_path, discover
+from oodfast.data.errors import DatasetError
 
 __all__ = [
     "BadFile",

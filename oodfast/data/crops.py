@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from oodfast.data.classes import IGNORE_ID, NUM_CLASSES, RARE_CLASS_IDS
-from oodfast.data.discover import DatasetError
+from oodfast.data.errors import DatasetError
 
 #: Default share of rare-class pixels that makes a crop rare: 0.1% of the crop, about a 7x7-pixel
 #: object in a 224x224 global crop. Smaller specks (a pedestrian 40 m away in a 1280x720 frame covers

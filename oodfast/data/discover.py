@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from oodfast.data.cache import cache_dir
+from oodfast.data.errors import DatasetError
 from oodfast.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,6 @@ FILE_LIST_MAGIC = "# oodfast clean file list v1"
 FILE_LIST_VERSION = 2
 
 _SHOW = 5  # how many unmatched names an error message lists
-
-
-class DatasetError(ValueError):
-    """Bad dataset input; the message names the path and says what to do."""
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from oodfast.data.discover import DatasetError
+from oodfast.data.errors import DatasetError
 
 __all__ = [
     "ImageFileError",
