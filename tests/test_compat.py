@@ -1,4 +1,4 @@
-"""The drop-in OODDetector / MemoryBuffer against the seed's behaviour (oodfast.paper)."""
+"""The drop-in OODDetector / MemoryBuffer against the paper's behaviour (oodfast.paper)."""
 
 from __future__ import annotations
 
@@ -28,44 +28,44 @@ def images(n: int, seed: int, size=(3, 96, 128)) -> list[torch.Tensor]:
 @pytest.fixture(scope="module")
 def detectors() -> tuple[OODDetector, PaperOODDetector]:
     enc = tiny_encoder()
-    ours, seed = OODDetector("cpu", threshold=0.9, encoder=enc), PaperOODDetector(enc, "cpu", threshold=0.9)
+    ours, paper = OODDetector("cpu", threshold=0.9, encoder=enc), PaperOODDetector(enc, "cpu", threshold=0.9)
     calib = images(60, seed=1) + images(20, seed=2, size=(3, 150, 100))
     ours.compute_dataset_stats(calib)
-    seed.compute_dataset_stats(calib)
-    return ours, seed
+    paper.compute_dataset_stats(calib)
+    return ours, paper
 
 
-def test_statistics_match_the_seed(detectors):
-    ours, seed = detectors
-    torch.testing.assert_close(ours.mean_vector, seed.mean_vector, rtol=1e-5, atol=1e-6)
-    assert ours.threshold_value == pytest.approx(seed.threshold_value, rel=1e-5)
+def test_statistics_match_the_papers(detectors):
+    ours, paper = detectors
+    torch.testing.assert_close(ours.mean_vector, paper.mean_vector, rtol=1e-5, atol=1e-6)
+    assert ours.threshold_value == pytest.approx(paper.threshold_value, rel=1e-5)
 
 
-def test_detect_returns_the_seeds_indices(detectors):
-    ours, seed = detectors
+def test_detect_returns_the_papers_indices(detectors):
+    ours, paper = detectors
     for trial in range(4):
         batch = torch.stack(images(48, seed=10 + trial))
         other = torch.stack(images(48, seed=50 + trial))
-        got, want = ours.detect([batch, other]), seed.detect([batch, other])
+        got, want = ours.detect([batch, other]), paper.detect([batch, other])
         assert got.dtype == torch.int64 and got.device.type == "cpu"
         assert got.tolist() == want.tolist()
         assert len(want) > 0
 
 
-def test_non_finite_images_are_not_flagged_unlike_the_seed(detectors):
-    ours, seed = detectors
+def test_non_finite_images_are_not_flagged_unlike_the_papers(detectors):
+    ours, paper = detectors
     batch = torch.stack(images(8, seed=3))
     batch[5] = float("nan")
-    assert 5 in seed.detect([batch, batch]).tolist()  # the seed maps NaN to 1e6 and replays it
+    assert 5 in paper.detect([batch, batch]).tolist()  # the paper's code maps NaN to 1e6 and replays it
     assert 5 not in ours.detect([batch, batch]).tolist()
 
 
 def test_extract_features_matches(detectors):
-    ours, seed = detectors
+    ours, paper = detectors
     im = images(1, seed=4)[0]
-    f_ours, f_seed = ours.extract_features(im), seed.extract_features(TF_resize(im))
-    assert f_ours.shape == f_seed.shape == (16,)
-    assert abs(f_ours - f_seed).max() < 1e-5
+    f_ours, f_paper = ours.extract_features(im), paper.extract_features(TF_resize(im))
+    assert f_ours.shape == f_paper.shape == (16,)
+    assert abs(f_ours - f_paper).max() < 1e-5
 
 
 def TF_resize(im):
@@ -78,31 +78,31 @@ def entry(k: int) -> list[torch.Tensor]:
     return [torch.full((3, 8, 8), 100.0 * k + v) for v in range(2)] + [torch.full((3, 4, 4), 100.0 * k + v) for v in range(2, 8)]
 
 
-def test_memory_buffer_keeps_the_seeds_fifo():
-    ours, seed = MemoryBuffer(32), PaperMemoryBuffer(32)
+def test_memory_buffer_keeps_the_papers_fifo():
+    ours, paper = MemoryBuffer(32), PaperMemoryBuffer(32)
     for k in range(45):
         ours.add(entry(k))
-        seed.add(entry(k))
-    assert len(ours.buffer) == len(seed.buffer) == 32
-    for a, b in zip(ours.get(), seed.get()):
+        paper.add(entry(k))
+    assert len(ours.buffer) == len(paper.buffer) == 32
+    for a, b in zip(ours.get(), paper.get()):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     ours.clear()
     assert len(ours.buffer) == 0 and ours.get() == []
 
 
-def test_concat_keeps_positive_pairs_which_the_seed_breaks():
-    ours, seed = MemoryBuffer(32), PaperMemoryBuffer(32)
+def test_concat_keeps_positive_pairs_which_the_paper_breaks():
+    ours, paper = MemoryBuffer(32), PaperMemoryBuffer(32)
     for k in range(32):
         ours.add(entry(k))
-        seed.add(entry(k))
+        paper.add(entry(k))
     B = 4
     batch = [torch.zeros(B, 3, 8, 8)] * 2 + [torch.zeros(B, 3, 4, 4)] * 6
-    mixed, broken = ours.concat_with_batch(batch), seed.concat_with_batch(batch)
-    assert [m.shape for m in mixed] == [b.shape for b in broken]  # same shapes as the seed
+    mixed, broken = ours.concat_with_batch(batch), paper.concat_with_batch(batch)
+    assert [m.shape for m in mixed] == [b.shape for b in broken]  # same shapes as the paper's
     image_of = lambda t: (t[B:, 0, 0, 0] // 100).long()  # noqa: E731 - which buffer entry each row holds
     for v in range(8):
         assert image_of(mixed[v]).tolist() == list(range(32)), f"view {v}: row B + k must hold entry k"
-    # The seed: global view 1 row B + k holds entry k // 2 (view k % 2), view 2 entries 16.. - the bug.
+    # The paper's code: global view 1 row B + k holds entry k // 2 (view k % 2), view 2 entries 16.. - the bug.
     assert image_of(broken[0]).tolist()[:4] == [0, 0, 1, 1]
     assert image_of(broken[1]).tolist()[:4] == [16, 16, 17, 17]
 

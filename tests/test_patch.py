@@ -14,11 +14,11 @@ from oodfast.paper import PaperMemoryBuffer, PaperOODDetector
 
 
 def fake_main_dino() -> types.ModuleType:
-    """A module that imported the seed's classes by name, as main_dino.py does."""
+    """A module that imported the paper's classes by name, as main_dino.py does."""
     mod = types.ModuleType("main_dino")
     mod.OODDetector, mod.MemoryBuffer = PaperOODDetector, PaperMemoryBuffer
 
-    def train_one_epoch(images, ood, memory_buffer):  # the seed's loop body
+    def train_one_epoch(images, ood, memory_buffer):  # the paper's loop body
         for idx in ood.detect([images[0], images[1]]):
             memory_buffer.add([v[idx] for v in images])
         return memory_buffer.concat_with_batch(images)
@@ -34,7 +34,7 @@ def test_patched_loop_runs_with_the_fused_pieces_and_reverts():
     revert = apply_oodfast(mod, encoder=enc)
     assert mod.MemoryBuffer is compat.MemoryBuffer and issubclass(mod.OODDetector, compat.OODDetector)
 
-    ood = mod.OODDetector("cpu", threshold=0.5)  # the seed's call site, unchanged
+    ood = mod.OODDetector("cpu", threshold=0.5)  # the paper's call site, unchanged
     ood.compute_dataset_stats([torch.rand(3, 64, 64) for _ in range(20)])
     buf = mod.MemoryBuffer(max_size=4)
     images = [torch.rand(6, 3, 32, 32) * 3 for _ in range(2)] + [torch.rand(6, 3, 16, 16) for _ in range(3)]
