@@ -10,7 +10,7 @@ since ``||x_hat - b||^2 = 2 - 2 cos`` for unit vectors. Rows of ``x`` that conta
 zero score NaN (callers never enqueue NaN; nothing raises on the hot path).
 
 Layout of this file (top to bottom): the Triton kernels, the launcher (validation, block sizes, grid),
-the pure-torch reference, the custom-op registration and the public entry point ``knn_score``.
+the torch path (pure torch), the custom-op registration and the public entry point ``knn_score``.
 
 How the Triton path finds the k-th largest similarity without ever materialising ``B x N``:
 
@@ -44,7 +44,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from oodfast.kernels._op import LaunchConfig, kernel_op, num_sms
+from oodfast.kernels._op import LaunchConfig, check_backend, check_tensor, dispatch, kernel_op, num_sms
 
 __all__ = ["check_bank_normalized", "knn_score", "knn_score_torch", "normalize_bank"]
 
@@ -52,7 +52,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The Triton path keeps KPAD = next_pow2(k) floats per query row in registers for the running buffer
 # and sorts tiles of max(128, KPAD) similarities; beyond 256 that no longer fits the register file
-# alongside the dot accumulator. backend="auto" falls back to the torch reference for larger k.
+# alongside the dot accumulator. backend="auto" takes the torch path for larger k.
 _MAX_KPAD = 256
 
 
@@ -194,16 +194,9 @@ def _knn_merge_kernel(
 
 def _check_inputs(x: Tensor, bank: Tensor, k: int, out: Tensor | None) -> None:
     """Raise ValueError naming the offending argument; metadata only (no host sync, trace-safe)."""
-    if not isinstance(x, Tensor) or x.dim() != 2:
-        raise ValueError(f"x must be a 2-D tensor [B, D]; got {getattr(x, 'shape', type(x).__name__)}")
-    if not isinstance(bank, Tensor) or bank.dim() != 2:
-        raise ValueError(f"bank must be a 2-D tensor [N, D]; got {getattr(bank, 'shape', type(bank).__name__)}")
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"x must be float32, bfloat16 or float16; got {x.dtype}")
-    if bank.dtype not in _DTYPES:
-        raise ValueError(f"bank must be float32, bfloat16 or float16; got {bank.dtype}")
-    if bank.device != x.device:
-        raise ValueError(f"bank is on {bank.device} but x is on {x.device}; move both to one device")
+    check_tensor("x", x, ndim=2, dtypes=_DTYPES, expect="a float32, bfloat16 or float16 [B, D] tensor")
+    check_tensor("bank", bank, ndim=2, dtypes=_DTYPES, device=x.device,
+                 expect="a float32, bfloat16 or float16 [N, D] tensor")
     if x.shape[1] != bank.shape[1]:
         raise ValueError(f"x has D={x.shape[1]} features but bank has D={bank.shape[1]}; they must match")
     if x.shape[1] < 1:
@@ -212,12 +205,7 @@ def _check_inputs(x: Tensor, bank: Tensor, k: int, out: Tensor | None) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ValueError(f"k must be an int with 1 <= k <= N (bank rows, N={n}); got k={k!r}")
     if out is not None:
-        if not isinstance(out, Tensor) or out.dtype != torch.float32:
-            raise ValueError(f"out must be a float32 tensor; got {getattr(out, 'dtype', type(out).__name__)}")
-        if out.device != x.device:
-            raise ValueError(f"out is on {out.device} but x is on {x.device}")
-        if tuple(out.shape) != (x.shape[0],):
-            raise ValueError(f"out must have shape [B]=({x.shape[0]},); got {tuple(out.shape)}")
+        check_tensor("out", out, dtypes=(torch.float32,), shape=(x.shape[0],), device=x.device)
 
 
 def _next_pow2(n: int) -> int:
@@ -240,7 +228,7 @@ def _block_sizes(b: int, d: int, k: int, bank_dtype: torch.dtype) -> tuple[int, 
       fp32 banks at KPAD > 64 (KPAD = 128 with 128-wide tiles spilled 16 B on sm_90a).
     * BLOCK_D: reduction chunk = MMA K. 16-bit banks: 64 (128 bytes, one cache line). fp32 banks
       ("ieee" products, FMA-based): 16 (32 spilled 8-12 B on sm_80 at 255 registers). 3 pipeline
-      stages stay under 80 KiB of shared memory.
+      stages (2 for fp32 at KPAD = 32: see launch_config) stay under 80 KiB of shared memory.
     * num_warps: 8. ptxas -v, sm_90a / sm_80 (tests/kernels/test_compile.py prints the table):
       bf16 KPAD 64 [64 x 128]: 187 / 220 registers; bf16 KPAD 256 [32 x 256]: 248 / 255; fp32
       KPAD 64 [64 x 128, K=16]: 218 on sm_80; fp32 KPAD 128 / 256 [16 x 256, K=16]: 185-194; no
@@ -278,10 +266,13 @@ def launch_config(b: int, d: int, n: int, k: int, bank_dtype: torch.dtype, sm_co
     # fp32 banks: exact fp32 products (TF32 would cost ~1e-3 in the similarity); 16-bit banks are the
     # fast path (half the bank traffic, tensor cores) and need no flag.
     precision = "ieee" if bank_dtype == torch.float32 else "tf32"
+    # 3 pipeline stages, except fp32 banks at KPAD = 32 ([64 x 128] tiles, K = 16): with 3, triton
+    # 3.6's ptxas spilled 4 B on sm_90a; 2 stages compile spill-free under triton 3.6 and 3.8.
+    stages = 2 if bank_dtype == torch.float32 and kpad == 32 else 3
     topk = LaunchConfig("_knn_topk_kernel", (n_qb, splits),
                         dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d, KPAD=kpad,
                              INPUT_PRECISION=precision),
-                        num_warps=num_warps, num_stages=3,
+                        num_warps=num_warps, num_stages=stages,
                         params=dict(rows_per_split=rows_per_split, splits=splits, write_partial=int(splits > 1)))
     if splits == 1:
         return [topk]
@@ -320,7 +311,7 @@ def _knn_score_triton(x: Tensor, bank: Tensor, k: int, out: Tensor, *, num_split
 
 
 # ------------------------------------------------------------------------------------------------
-# Pure-torch reference
+# The torch path
 # ------------------------------------------------------------------------------------------------
 
 
@@ -399,29 +390,29 @@ def normalize_bank(features: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# Custom op: oodfast::knn_score_out (Triton on CUDA, the reference on CPU); traceable with fullgraph
+# Custom op: oodfast::knn_score_out (Triton for CUDA tensors, the torch path otherwise); traceable with fullgraph
 # ------------------------------------------------------------------------------------------------
+
+
+def _knn_score_torch_into(x: Tensor, bank: Tensor, k: int, out: Tensor) -> None:
+    out.copy_(knn_score_torch(x, bank, k))  # still tiled: never B x N
 
 
 def _knn_score_out_body(x: Tensor, bank: Tensor, k: int, out: Tensor) -> None:
     _check_inputs(x, bank, k, out)
-    # Branches on static metadata only. With a GPU this is a triton_op, whose body torch.compile traces
-    # (decomposes) for every device, bypassing register_kernel("cpu"): CPU tensors must trace into the
-    # reference, not into a Triton launch Inductor cannot codegen for CPU.
-    if x.device.type != "cuda" or _next_pow2(k) > _MAX_KPAD:
-        out.copy_(knn_score_torch(x, bank, k))  # still tiled: never B x N
-        return
-    _knn_score_triton(x, bank, k, out)
+    # With a GPU this is a triton_op, whose body torch.compile traces (decomposes) for every device,
+    # bypassing register_kernel("cpu"): dispatch sends CPU tensors, and a k beyond the kernel's
+    # register budget, to the torch path (static metadata only), never into a Triton launch Inductor
+    # cannot codegen for CPU.
+    dispatch("auto", x.device, triton_fits=_next_pow2(k) <= _MAX_KPAD,
+             triton_path=lambda: _knn_score_triton(x, bank, k, out),
+             torch_path=lambda: _knn_score_torch_into(x, bank, k, out))
 
 
 _knn_score_out = kernel_op("oodfast::knn_score_out", mutates_args=("out",))(_knn_score_out_body)
 
 
-@_knn_score_out.register_kernel("cpu")
-def _knn_score_out_cpu(x: Tensor, bank: Tensor, k: int, out: Tensor) -> None:
-    out.copy_(knn_score_torch(x, bank, k))
-
-
+_knn_score_out.register_kernel("cpu")(_knn_score_torch_into)
 _knn_score_out.register_fake(lambda *args: None)  # mutation only, no outputs
 
 
@@ -439,8 +430,9 @@ def knn_score(
         out: optional [B] float32 on x's device, written in place and returned (no output allocation;
             with several bank splits on CUDA a small [S, B, next_pow2(k)] fp32 workspace comes from the
             caching allocator).
-        backend: "auto" (the ``oodfast::knn_score_out`` custom op: Triton on CUDA, reference on CPU),
-            "triton" (force the kernel; on CPU only under ``TRITON_INTERPRET=1``) or "torch" (reference).
+        backend: "auto" (the ``oodfast::knn_score_out`` custom op: Triton for CUDA tensors, the torch path
+            otherwise), "triton" (force the kernel; on CPU only under ``TRITON_INTERPRET=1``) or "torch"
+            (the torch path).
 
     Any strides are accepted for ``x``, ``bank`` and ``out`` (they are passed to the kernel, nothing is
     copied); a row-major bank is the fast layout. No host synchronisation, except once per bank (and
@@ -454,16 +446,12 @@ def knn_score(
         ValueError: a bad argument, or a bank whose rows are not L2-normalised.
     """
     _check_inputs(x, bank, k, out)
+    check_backend(backend)
     if not torch.compiler.is_compiling():
         check_bank_normalized(bank)
     if out is None:
         out = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
-    if backend == "auto":
-        torch.ops.oodfast.knn_score_out(x, bank, k, out)
-    elif backend == "triton":
-        _knn_score_triton(x, bank, k, out)
-    elif backend == "torch":
-        out.copy_(knn_score_torch(x, bank, k))
-    else:
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch'; got {backend!r}")
+    dispatch(backend, x.device, op=lambda: torch.ops.oodfast.knn_score_out(x, bank, k, out),
+             triton_path=lambda: _knn_score_triton(x, bank, k, out),
+             torch_path=lambda: _knn_score_torch_into(x, bank, k, out))
     return out

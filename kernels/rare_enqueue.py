@@ -11,7 +11,7 @@ statistics, every row gets a score (higher = rarer)::
                   has exactly this form with V the calibration set's principal axes (rank <= n).
     score         s = x[:, 0]                                     (precomputed, e.g. by knn_score)
 
-A row is flagged when its score is finite and ``s > threshold`` (strict, as the seed's ``dist > thr``);
+A row is flagged when its score is finite and ``s > threshold`` (strict, like ``dist > thr`` in the paper's code);
 ``threshold`` is a 0-d device tensor, so it can move online without recompiling anything. Rows with
 any non-finite element score NaN, are never flagged, and are counted in ``state[3]`` (as are rows
 whose score is NaN for another reason, e.g. an all-zero row under cosine).
@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from oodfast.kernels._op import LaunchConfig, kernel_op, num_sms
+from oodfast.kernels._op import LaunchConfig, check_tensor, dispatch, kernel_op, num_sms
 
 METRICS: dict[str, int] = {"euclidean": 0, "cosine": 1, "mahalanobis": 2, "score": 3}
 EUCLIDEAN, COSINE, MAHALANOBIS, SCORE = 0, 1, 2, 3
@@ -278,8 +278,9 @@ def launch_config(metric: int, has_ring: bool, V: int, B: int, D: int, R: int, d
 
     * euclidean / cosine: memory bound, one program per BLOCK_M images, BLOCK_M in {2, 8, 32} the
       largest <= B / (2 * SMs): at least two programs per SM (B = 1024 -> BLOCK_M = 2, 512 programs,
-      8 KiB of x each per view), up to 32 rows for large batches (B = 65536 -> 2048 programs). Rows are never split over D, so a row's reduction order is fixed (bit-stable) and
-      no second reduction phase is needed. The tile is [2, 1024], [8, 512] or [32, 128]: at most 32
+      8 KiB of x each per view), up to 32 rows for large batches (B = 65536 -> 2048 programs). Rows
+      are never split over D, so a row's reduction order is fixed (bit-stable) and no second
+      reduction phase is needed. The tile is [2, 1024], [8, 512] or [32, 128]: at most 32
       fp32 per thread at 4 warps.
     * score: B / 256 programs; each reads 1 KiB, the cost is the scan, and fewer programs take fewer
       of the (same-address) ticket atomics.
@@ -339,27 +340,20 @@ def launch_config(metric: int, has_ring: bool, V: int, B: int, D: int, R: int, d
                          num_warps=4, num_stages=3, params=dict(n_split=1))]
 
 
-def _check(name: str, t: torch.Tensor, shape: tuple[int, ...] | None, dtypes: tuple[torch.dtype, ...],
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check(name: str, t: torch.Tensor, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...],
            device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but x is on {device}; put every argument on one device")
-    if t.dtype not in dtypes:
-        raise ValueError(f"{name} must have dtype {' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
-    if shape is not None and tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
+    """Every tensor argument but x is contiguous, of one exact shape, on x's device."""
+    check_tensor(name, t, shape=shape, dtypes=dtypes, device=device, contiguous=True)
 
 
 def validate_score_args(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor, coef: torch.Tensor,
                         alpha: torch.Tensor, scores: torch.Tensor, metric: int) -> None:
     """Raise ValueError naming the first scoring argument whose device, dtype, shape or layout is wrong."""
-    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
-        raise ValueError(f"x must be a [B, D] or [V, B, D] tensor, got {getattr(x, 'shape', type(x).__name__)}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    check_tensor("x", x, ndim=(2, 3), expect="a [B, D] or [V, B, D] tensor")
+    check_tensor("x", x, dtypes=_FLOATS, expect="float32, bfloat16 or float16")
     if x.shape[-1] > 0 and x.stride(-1) != 1:
         raise ValueError("x rows must be contiguous in D (x.stride(-1) == 1); call .contiguous()")
     if metric not in METRICS.values():
@@ -371,8 +365,8 @@ def validate_score_args(x: torch.Tensor, center: torch.Tensor, proj: torch.Tenso
     if metric != SCORE:
         _check("center", center, (D,), f32, dev)
     if metric == MAHALANOBIS:
-        _check("proj", proj, None, f32, dev)
-        if proj.dim() != 2 or proj.shape[1] != D:
+        check_tensor("proj", proj, ndim=2, dtypes=f32, device=dev, contiguous=True)
+        if proj.shape[1] != D:
             raise ValueError(f"proj must have shape [R, {D}], got {list(proj.shape)}")
         _check("coef", coef, (proj.shape[0],), f32, dev)
     _check("alpha", alpha, (), f32, dev)
@@ -390,10 +384,10 @@ def validate(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor, coef: to
     _check("sample_ids", sample_ids, (B,), i64, dev)
     _check("step", step, (), i64, dev)
     _check("slots", slots, (B,), (torch.int32,), dev)
-    C = ring_ids.shape[0] if ring_ids.dim() == 1 else -1
-    if C < 1:
+    check_tensor("ring_ids", ring_ids, ndim=1, dtypes=i64, device=dev, contiguous=True)
+    if ring_ids.shape[0] < 1:
         raise ValueError(f"ring_ids must have shape [C] with C >= 1, got {list(ring_ids.shape)}")
-    _check("ring_ids", ring_ids, (C,), i64, dev)
+    C = ring_ids.shape[0]
     _check("ring_scores", ring_scores, (C,), (torch.float32,), dev)
     _check("ring_steps", ring_steps, (C,), i64, dev)
     _check("state", state, (4,), i64, dev)
@@ -424,7 +418,7 @@ def _launch(x, center, proj, coef, alpha, threshold, sample_ids, step, scores, s
 
 
 # ------------------------------------------------------------------------------------------------
-# Pure-torch reference: the same contract, written for clarity.
+# The torch path: the same contract in pure torch, written for clarity.
 # ------------------------------------------------------------------------------------------------
 
 def rare_score_torch(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor, coef: torch.Tensor,
@@ -451,7 +445,7 @@ def rare_score_torch(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor, 
 
 def rare_enqueue_torch(x, center, proj, coef, alpha, threshold, sample_ids, step, scores, slots,
                            ring_ids, ring_scores, ring_steps, state, scratch, metric: int) -> None:
-    """In-place reference of :func:`rare_enqueue` (runs for CPU tensors; mirrors the kernel exactly)."""
+    """The torch path of :func:`rare_enqueue`, in place (runs for CPU tensors; mirrors the kernel exactly)."""
     score = rare_score_torch(x, center, proj, coef, alpha, metric)
     finite = ~torch.isnan(score)
     flag = finite & (score > threshold)
@@ -474,22 +468,20 @@ def rare_enqueue_torch(x, center, proj, coef, alpha, threshold, sample_ids, step
 
 
 # ------------------------------------------------------------------------------------------------
-# The custom op (CUDA: the Triton kernel, visible to torch.compile; CPU: the reference) and entry points
+# The custom op (CUDA: the Triton kernel, visible to torch.compile; CPU: the torch path) and entry points
 # ------------------------------------------------------------------------------------------------
 
 def _rare_enqueue_body(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor, coef: torch.Tensor,
                        alpha: torch.Tensor, threshold: torch.Tensor, sample_ids: torch.Tensor, step: torch.Tensor,
                        scores: torch.Tensor, slots: torch.Tensor, ring_ids: torch.Tensor, ring_scores: torch.Tensor,
                        ring_steps: torch.Tensor, state: torch.Tensor, scratch: torch.Tensor, metric: int) -> None:
-    # Branches on static metadata only. With a GPU this is a triton_op, whose body torch.compile traces
-    # for every device, bypassing register_kernel("cpu"): CPU tensors must trace into the reference,
-    # not into a Triton launch.
-    if x.device.type != "cuda":
-        rare_enqueue_torch(x, center, proj, coef, alpha, threshold, sample_ids, step, scores, slots,
-                               ring_ids, ring_scores, ring_steps, state, scratch, metric)
-        return
-    _launch(x, center, proj, coef, alpha, threshold, sample_ids, step, scores, slots,
-            ring_ids, ring_scores, ring_steps, state, scratch, metric, has_ring=True)
+    # With a GPU this is a triton_op, whose body torch.compile traces for every device, bypassing
+    # register_kernel("cpu"): dispatch sends CPU tensors to the torch path, not into a Triton launch
+    # (it branches on static metadata only).
+    args = (x, center, proj, coef, alpha, threshold, sample_ids, step, scores, slots,
+            ring_ids, ring_scores, ring_steps, state, scratch, metric)
+    dispatch("auto", x.device, triton_path=lambda: _launch(*args, has_ring=True),
+             torch_path=lambda: rare_enqueue_torch(*args))
 
 
 RARE_ENQUEUE_MUTATES = ("scores", "slots", "ring_ids", "ring_scores", "ring_steps", "state", "scratch")
@@ -512,9 +504,9 @@ def rare_enqueue(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor, coef
     """Score ``x``, flag rows above ``threshold``, and enqueue them into the ring; all in place.
 
     Args are as in the module docstring; ``metric`` is a value of :data:`METRICS`.
-    backend: ``"auto"`` dispatches by device (CUDA: the Triton kernel; CPU: the reference);
+    backend: ``"auto"`` dispatches by device (CUDA: the Triton kernel; CPU: the torch path);
         ``"triton"`` forces the kernel (on CPU tensors it needs ``TRITON_INTERPRET=1``);
-        ``"torch"`` forces the reference.
+        ``"torch"`` forces the torch path.
 
     Raises:
         ValueError: an argument has the wrong device, dtype, shape or layout (the message names it).
@@ -523,14 +515,8 @@ def rare_enqueue(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor, coef
             ring_ids, ring_scores, ring_steps, state, scratch, metric)
     if not torch.compiler.is_compiling():
         validate(*args)
-    if backend == "auto":
-        torch.ops.oodfast.rare_enqueue(*args)
-    elif backend == "triton":
-        _launch(*args, has_ring=True)
-    elif backend == "torch":
-        rare_enqueue_torch(*args)
-    else:
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    dispatch(backend, x.device, op=lambda: torch.ops.oodfast.rare_enqueue(*args),
+             triton_path=lambda: _launch(*args, has_ring=True), torch_path=lambda: rare_enqueue_torch(*args))
 
 
 def _launch_score(x, center, proj, coef, alpha, scores, metric: int) -> None:
@@ -540,12 +526,15 @@ def _launch_score(x, center, proj, coef, alpha, scores, metric: int) -> None:
     _launch(x, center, proj, coef, alpha, alpha, p, p, scores, scores, p, scores, p, p, p, metric, has_ring=False)
 
 
+def _rare_score_torch_into(x, center, proj, coef, alpha, scores, metric: int) -> None:
+    scores.copy_(rare_score_torch(x, center, proj, coef, alpha, metric))
+
+
 def _rare_score_body(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor, coef: torch.Tensor,
                      alpha: torch.Tensor, scores: torch.Tensor, metric: int) -> None:
-    if x.device.type != "cuda":  # static metadata: see _rare_enqueue_body
-        scores.copy_(rare_score_torch(x, center, proj, coef, alpha, metric))
-        return
-    _launch_score(x, center, proj, coef, alpha, scores, metric)
+    args = (x, center, proj, coef, alpha, scores, metric)  # static metadata only: see _rare_enqueue_body
+    dispatch("auto", x.device, triton_path=lambda: _launch_score(*args),
+             torch_path=lambda: _rare_score_torch_into(*args))
 
 
 _rare_score_op = kernel_op("oodfast::rare_score", mutates_args=("scores",))(_rare_score_body)
@@ -554,9 +543,7 @@ _rare_score_op = kernel_op("oodfast::rare_score", mutates_args=("scores",))(_rar
 _rare_score_op.register_fake(lambda *args: None)  # mutation only (see rare_enqueue's fake)
 
 
-@_rare_score_op.register_kernel("cpu")
-def _rare_score_cpu(x, center, proj, coef, alpha, scores, metric):
-    scores.copy_(rare_score_torch(x, center, proj, coef, alpha, metric))
+_rare_score_op.register_kernel("cpu")(_rare_score_torch_into)
 
 
 def rare_score(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor, coef: torch.Tensor, alpha: torch.Tensor,
@@ -567,14 +554,9 @@ def rare_score(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor, coef: 
     """
     if out is None:
         out = torch.empty(x.shape[-2], dtype=torch.float32, device=x.device)
+    args = (x, center, proj, coef, alpha, out, metric)
     if not torch.compiler.is_compiling():
-        validate_score_args(x, center, proj, coef, alpha, out, metric)
-    if backend == "auto":
-        torch.ops.oodfast.rare_score(x, center, proj, coef, alpha, out, metric)
-    elif backend == "triton":
-        _launch_score(x, center, proj, coef, alpha, out, metric)
-    elif backend == "torch":
-        out.copy_(rare_score_torch(x, center, proj, coef, alpha, metric))
-    else:
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        validate_score_args(*args)
+    dispatch(backend, x.device, op=lambda: torch.ops.oodfast.rare_score(*args),
+             triton_path=lambda: _launch_score(*args), torch_path=lambda: _rare_score_torch_into(*args))
     return out

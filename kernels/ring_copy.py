@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from oodfast.kernels._op import LaunchConfig, kernel_op
+from oodfast.kernels._op import LaunchConfig, check_tensor, dispatch, kernel_op
 
 
 @triton.jit
@@ -69,10 +69,7 @@ def launch_config(B: int, V: int, dtype: torch.dtype) -> LaunchConfig:
 def _check_group(i: int, src: torch.Tensor, dst: torch.Tensor, B: int, device: torch.device) -> None:
     s, d = f"src{i}", f"dst{i}"
     for name, t in ((s, src), (d, dst)):
-        if not isinstance(t, torch.Tensor) or t.dim() < 3:
-            raise ValueError(f"{name} must be a [V, rows, *crop] tensor, got {getattr(t, 'shape', type(t).__name__)}")
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but slots is on {device}")
+        check_tensor(name, t, min_ndim=3, device=device, device_of="slots", expect="a [V, rows, *crop] tensor")
         if t.shape[0] and t.shape[1] and not t[0, 0].is_contiguous():
             raise ValueError(f"{name}'s crops (dims 2..) must be contiguous; got strides {t.stride()}")
     if src.shape[0] != dst.shape[0] or src.shape[2:] != dst.shape[2:]:
@@ -86,9 +83,7 @@ def _check_group(i: int, src: torch.Tensor, dst: torch.Tensor, B: int, device: t
 def validate(slots: torch.Tensor, src0: torch.Tensor, dst0: torch.Tensor,
              src1: torch.Tensor | None, dst1: torch.Tensor | None) -> None:
     """Raise ValueError naming the first argument whose device, dtype, shape or layout is wrong."""
-    if not isinstance(slots, torch.Tensor) or slots.dim() != 1 or slots.dtype != torch.int32:
-        raise ValueError(f"slots must be an int32 [B] tensor, got {getattr(slots, 'dtype', type(slots).__name__)} "
-                         f"{list(getattr(slots, 'shape', []))}")
+    check_tensor("slots", slots, ndim=1, dtypes=(torch.int32,), expect="an int32 [B] tensor")
     B = slots.shape[0]
     _check_group(0, src0, dst0, B, slots.device)
     if (src1 is None) != (dst1 is None):
@@ -114,9 +109,9 @@ def _launch(slots, src0, dst0, src1, dst1) -> None:
 
 
 def ring_copy_torch(slots: torch.Tensor, src0: torch.Tensor, dst0: torch.Tensor,
-                        src1: torch.Tensor | None = None, dst1: torch.Tensor | None = None) -> None:
-    """Pure-torch reference, static shapes and no host sync (torch.compile traces it with fullgraph):
-    each ring slot c takes the row b with ``slots[b] == c`` (at most one), or keeps its contents."""
+                    src1: torch.Tensor | None = None, dst1: torch.Tensor | None = None) -> None:
+    """The torch path, static shapes and no host sync (torch.compile traces it with fullgraph): each
+    ring slot c takes the row b with ``slots[b] == c`` (at most one), or keeps its contents."""
     for src, dst in ((src0, dst0), (src1, dst1)):
         if src is None or dst.shape[1] == 0 or slots.shape[0] == 0:
             continue
@@ -127,12 +122,10 @@ def ring_copy_torch(slots: torch.Tensor, src0: torch.Tensor, dst0: torch.Tensor,
 
 def _ring_copy_body(slots: torch.Tensor, src0: torch.Tensor, dst0: torch.Tensor,
                     src1: torch.Tensor | None, dst1: torch.Tensor | None) -> None:
-    # Branches on static metadata only. With a GPU this is a triton_op, whose body torch.compile traces
-    # for every device, bypassing register_kernel("cpu"): CPU tensors must trace into the reference.
-    if slots.device.type != "cuda":
-        ring_copy_torch(slots, src0, dst0, src1, dst1)
-        return
-    _launch(slots, src0, dst0, src1, dst1)
+    # With a GPU this is a triton_op, whose body torch.compile traces for every device, bypassing
+    # register_kernel("cpu"): dispatch sends CPU tensors to the torch path (static metadata only).
+    dispatch("auto", slots.device, triton_path=lambda: _launch(slots, src0, dst0, src1, dst1),
+             torch_path=lambda: ring_copy_torch(slots, src0, dst0, src1, dst1))
 
 
 _ring_copy_op = kernel_op("oodfast::ring_copy", mutates_args=("dst0", "dst1"))(_ring_copy_body)
@@ -149,16 +142,11 @@ def ring_copy(slots: torch.Tensor, src0: torch.Tensor, dst0: torch.Tensor,
         slots: int32 [B] ring slot per batch row, -1 for rows not enqueued (rare_enqueue's output).
         src0, dst0: first group, [V0, B, *crop] and [V0, C, *crop] (e.g. the global views).
         src1, dst1: optional second group (e.g. the local views).
-        backend: ``"auto"`` (CUDA: Triton; CPU: reference), ``"triton"`` (needs TRITON_INTERPRET=1 on
-            CPU), ``"torch"``.
+        backend: ``"auto"`` (CUDA tensors: Triton; others: the torch path), ``"triton"`` (needs
+            TRITON_INTERPRET=1 on CPU), ``"torch"``.
     """
     if not torch.compiler.is_compiling():
         validate(slots, src0, dst0, src1, dst1)
-    if backend == "auto":
-        torch.ops.oodfast.ring_copy(slots, src0, dst0, src1, dst1)
-    elif backend == "triton":
-        _launch(slots, src0, dst0, src1, dst1)
-    elif backend == "torch":
-        ring_copy_torch(slots, src0, dst0, src1, dst1)
-    else:
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    args = (slots, src0, dst0, src1, dst1)
+    dispatch(backend, slots.device, op=lambda: torch.ops.oodfast.ring_copy(*args),
+             triton_path=lambda: _launch(*args), torch_path=lambda: ring_copy_torch(*args))

@@ -15,7 +15,7 @@ without editing this file.
 Compiling needs the real ``@triton.jit`` functions, but on a CPU host tests/conftest.py sets
 TRITON_INTERPRET=1 before the kernels are imported, so the compiles run in one subprocess (this file
 as a script, TRITON_INTERPRET unset), with a process per core. Triton's on-disk cache
-(~/.triton/cache) makes a rerun fast; in one session the results are computed once.
+(~/.triton/cache) makes a rerun fast; in one pytest run the results are computed once.
 
 As a script, ``python tests/kernels/test_compile.py`` prints the table (``--json PATH`` also writes it).
 """
@@ -99,7 +99,7 @@ def rare_enqueue_cases() -> list[Case]:
     from oodfast.kernels import rare_enqueue as m
 
     cases = {}
-    # B: 1, 64, 1024 (the issue's batch), 4096, 65536; D: 1 (score) / 2048; V = 2 (two global crops);
+    # B: 1, 64, 1024 (the design point's batch), 4096, 65536; D: 1 (score) / 2048; V = 2 (two global crops);
     # R: the calibration set's rank (255: 256 images, 1023: 1024 images) or 0.
     for dev in DEVICES:
         for metric_name, metric in m.METRICS.items():
@@ -344,7 +344,7 @@ if pytest is not None and __name__ != "__main__":
 
     @pytest.fixture(scope="session")
     def compiled(tmp_path_factory) -> dict[str, dict]:
-        """Every case compiled once per session, in a subprocess without TRITON_INTERPRET."""
+        """Every case compiled once per pytest run, in a subprocess without TRITON_INTERPRET."""
         out = tmp_path_factory.mktemp("compile") / "results.json"
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         t0 = time.perf_counter()

@@ -9,6 +9,8 @@ import torch
 from oodfast.bench.harness import cuda_graphed
 from oodfast.detect import DetectorConfig, RareDetector
 
+from _assert import assert_close
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
@@ -23,4 +25,4 @@ def test_score_replayed_from_a_cuda_graph_matches_eager(metric):
     x.copy_(torch.randn_like(x))  # new inputs in the captured buffer
     replay()
     torch.cuda.synchronize()
-    torch.testing.assert_close(out, det.score(x), rtol=1e-5, atol=1e-5)
+    assert_close(out, det.score(x), rtol=1e-5, atol=1e-5)

@@ -1,8 +1,8 @@
-"""knn_score: the tiled reference equals brute force; the Triton kernel equals the reference; bad rows
+"""knn_score: the tiled torch path equals brute force; the Triton kernel equals the torch path; bad rows
 score NaN; bad arguments raise ValueError naming themselves; the op compiles.
 
 The Triton tests run the kernel on DEVICE: compiled for the GPU on a GPU machine, in Triton's
-interpreter without one (tests/conftest.py). References are computed on the CPU.
+interpreter without one (tests/conftest.py). The torch path's expected values are computed on the CPU.
 """
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ import itertools
 import pytest
 import torch
 
+from oodfast.devices import default_device
 from oodfast.kernels.knn_score import _knn_score_triton, knn_score, knn_score_torch, normalize_bank
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from _assert import assert_close, assert_equal
+
+DEVICE = torch.device(default_device())
 
 
 def on_device(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -29,21 +32,6 @@ def brute_force(x: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
     return (2 - 2 * s_k).clamp_min(0).sqrt().float()
 
 
-def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> None:
-    """allclose with NaN == NaN that reports how many entries differ and the first bad indices."""
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    nan_a, nan_e = actual.isnan(), expected.isnan()
-    bad = (nan_a != nan_e) | (~nan_e & ((actual - expected).abs() > atol + rtol * expected.abs()))
-    if bad.any():
-        idx = bad.nonzero().flatten()[:8].tolist()
-        diff = (actual - expected).abs().nan_to_num(0)[~nan_e & ~nan_a]
-        raise AssertionError(
-            f"{int(bad.sum())}/{bad.numel()} mismatches (atol={atol}, rtol={rtol}); first at {idx}: "
-            f"actual {actual.flatten()[idx].tolist()} expected {expected.flatten()[idx].tolist()}; "
-            f"max abs diff {diff.max().item() if diff.numel() else 0.0:.3g}"
-        )
-
-
 def assert_scores_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 1e-5) -> None:
     """Compare squared scores 2 - 2 s_k, which are linear in the similarity.
 
@@ -51,7 +39,7 @@ def assert_scores_close(actual: torch.Tensor, expected: torch.Tensor, atol: floa
     query itself, one fp32 rounding in s_k (6e-8) moves the score by 3.5e-4, so score tolerances would
     have to be loose everywhere to pass there.
     """
-    assert_close_verbose(actual.square(), expected.square(), atol=atol, rtol=rtol)
+    assert_close(actual.square(), expected.square(), atol=atol, rtol=rtol, equal_nan=True)
 
 
 def make(B: int, D: int, N: int, seed: int, bank_dtype=torch.float32, x_dtype=torch.float32):
@@ -61,15 +49,15 @@ def make(B: int, D: int, N: int, seed: int, bank_dtype=torch.float32, x_dtype=to
     return x, bank
 
 
-# ---- reference ---------------------------------------------------------------------------------
+# ---- the torch path ----------------------------------------------------------------------------
 
-REF_CASES = [
+TORCH_CASES = [
     (B, D, N, k) for B, D, N, k in itertools.product([1, 7, 64], [1, 3, 127], [1, 50, 300], [1, 5, 50]) if k <= N
 ]
 
 
-@pytest.mark.parametrize("B, D, N, k", REF_CASES)
-def test_reference_matches_brute_force(B, D, N, k):
+@pytest.mark.parametrize("B, D, N, k", TORCH_CASES)
+def test_torch_path_matches_brute_force(B, D, N, k):
     x, bank = make(B, D, N, seed=B * 10007 + D * 101 + N + k)
     # tile=16 splits every bank into several tiles, some shorter than k: the running top-k must carry.
     got = knn_score_torch(x, bank, k, tile=16)
@@ -80,7 +68,7 @@ def test_reference_matches_brute_force(B, D, N, k):
 
 
 @pytest.mark.parametrize("bank_dtype", [torch.bfloat16, torch.float16])
-def test_reference_16bit_bank_is_exact_on_its_values(bank_dtype):
+def test_torch_path_16bit_bank_is_exact_on_its_values(bank_dtype):
     x, bank = make(9, 40, 120, seed=3, bank_dtype=bank_dtype, x_dtype=bank_dtype)
     assert_scores_close(knn_score_torch(x, bank, 7, tile=50), brute_force(x, bank, 7), atol=4e-6)
 
@@ -90,7 +78,7 @@ def test_score_is_distance_to_kth_neighbour():
     bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
     x = torch.tensor([[2.0, 0.0]])  # normalises to (1, 0): distances 0, sqrt 2, 2
     for k, want in [(1, 0.0), (2, 2**0.5), (3, 2.0)]:
-        assert_close_verbose(knn_score_torch(x, bank, k), torch.tensor([want]), atol=1e-6, rtol=0)
+        assert_close(knn_score_torch(x, bank, k), torch.tensor([want]), atol=1e-6, rtol=0, equal_nan=True)
 
 
 # ---- Triton kernel (TRITON_INTERPRET=1 on CPU: see tests/conftest.py) ---------------------------
@@ -109,7 +97,7 @@ TRITON_CASES = [
 
 
 @pytest.mark.parametrize("B, D, N, k, splits", TRITON_CASES)
-def test_triton_matches_reference_fp32(B, D, N, k, splits):
+def test_triton_matches_torch_path_fp32(B, D, N, k, splits):
     x, bank = make(B, D, N, seed=B + D + N + k)
     out = torch.full((B,), -1.0, device=DEVICE)
     _knn_score_triton(*on_device(x, bank), k, out, num_splits=splits)
@@ -117,12 +105,12 @@ def test_triton_matches_reference_fp32(B, D, N, k, splits):
 
 
 # The interpreter computes fp16 tl.dot products exactly (numpy), so the only difference from the fp32
-# reference is x_hat rounded to fp16 before the dot: |delta s| <~ 2^-11 * sum|b_j| ~ 1e-3 at D=40,
+# torch path is x_hat rounded to fp16 before the dot: |delta s| <~ 2^-11 * sum|b_j| ~ 1e-3 at D=40,
 # and the squared score 2 - 2 s_k by twice that. (bf16 is not tested here: the
 # interpreter's bf16 tl.dot is wrong, it reinterprets bits.)
 @pytest.mark.parametrize("x_dtype, bank_dtype", [(torch.float16, torch.float16), (torch.float32, torch.float16),
                                                  (torch.float16, torch.float32)])
-def test_triton_matches_reference_16bit(x_dtype, bank_dtype):
+def test_triton_matches_torch_path_16bit(x_dtype, bank_dtype):
     x, bank = make(9, 40, 140, seed=11, bank_dtype=bank_dtype, x_dtype=x_dtype)
     got = knn_score(*on_device(x, bank), 10, backend="triton")
     assert_scores_close(got.cpu(), knn_score_torch(x, bank, 10), atol=4e-3, rtol=1e-3)
@@ -169,13 +157,13 @@ def test_bad_rows_score_nan_and_others_are_unaffected(backend):
     bad[6] = 0.0
     got = knn_score(*on_device(bad, bank), 7, backend=backend).cpu()
     nan_rows = torch.tensor([False, True, False, False, True, True, True, False])
-    assert torch.equal(got.isnan(), nan_rows), got
+    assert_equal(got.isnan(), nan_rows)
     assert_scores_close(got[~nan_rows], knn_score_torch(x[~nan_rows], bank, 7), atol=4e-6)
     # Splitting the bank carries the NaN flag through the merge kernel too.
     if backend == "triton":
         out = torch.empty(8, device=DEVICE)
         _knn_score_triton(*on_device(bad, bank), 7, out, num_splits=2)
-        assert torch.equal(out.isnan().cpu(), nan_rows)
+        assert_equal(out.isnan().cpu(), nan_rows)
         assert_scores_close(out.cpu(), got, atol=1e-6)
 
 
@@ -232,7 +220,7 @@ def test_triton_rejects_k_beyond_register_budget():
     x, bank = make(2, 8, 300, seed=1)
     with pytest.raises(ValueError, match=r"\bk=257\b"):
         knn_score(*on_device(x, bank), 257, backend="triton")
-    # "auto" still works (CPU: reference; CUDA: the op falls back to the tiled reference).
+    # "auto" still works (CPU: the torch path; CUDA: the op falls back to the tiled torch path).
     assert_scores_close(knn_score(*on_device(x, bank), 257).cpu(), brute_force(x, bank, 257), atol=4e-6)
 
 
@@ -240,8 +228,8 @@ def test_normalize_bank():
     f = torch.randn(20, 9).half() * 7
     bank = normalize_bank(f[:, ::1].T.contiguous().T)
     assert bank.dtype == torch.float32 and bank.is_contiguous() and bank.shape == (20, 9)
-    torch.testing.assert_close(bank.norm(dim=1), torch.ones(20))
-    torch.testing.assert_close(bank * f.float().norm(dim=1, keepdim=True), f.float())
+    assert_close(bank.norm(dim=1), torch.ones(20), atol=1e-5, rtol=1.3e-6)  # torch.testing's fp32 defaults
+    assert_close(bank * f.float().norm(dim=1, keepdim=True), f.float(), atol=1e-5, rtol=1.3e-6)
     f[3] = 0
     f[7, 1] = float("nan")
     with pytest.raises(ValueError, match=r"features has 2 zero or non-finite rows \(first: \[3, 7\]\)"):

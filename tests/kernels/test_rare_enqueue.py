@@ -1,7 +1,7 @@
 """rare_enqueue: scores against a float64 oracle, the ring against collections.deque, Triton against torch.
 
 The op runs on DEVICE: on a GPU machine the Triton kernel is compiled for the GPU (and the torch
-reference runs there too); without one, the kernel runs in Triton's interpreter (tests/conftest.py).
+path runs there too); without one, the kernel runs in Triton's interpreter (tests/conftest.py).
 The checks themselves read CPU copies.
 """
 
@@ -13,10 +13,13 @@ import pytest
 import torch
 
 from oodfast.detect import ledoit_wolf
+from oodfast.devices import default_device
 import oodfast.kernels.rare_enqueue as rare_module
 from oodfast.kernels.rare_enqueue import METRICS, rare_enqueue, rare_score
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from _assert import assert_close, assert_equal
+
+DEVICE = torch.device(default_device())
 # (dtype, relative score tolerance against the float64 oracle). The oracle scores x as rounded to
 # dtype, so every dtype sees the same fp32 arithmetic: fp32 sums over D (~sqrt(D) * 6e-8, 3e-6 at
 # D = 2048) and, for mahalanobis on CUDA, "tf32x3" projections (~1e-6). 1e-5 holds with that margin;
@@ -109,8 +112,8 @@ def check_against_deque(xs, stats, metric, C, n_flags, backend, dtype, tol):
         scores, slots = call(x, stats, metric, thr, ids, call_no, ring, backend)
 
         finite = ~torch.isnan(expected)
-        assert torch.equal(torch.isnan(scores), ~finite), "NaN scores must mark exactly the non-finite images"
-        torch.testing.assert_close(scores[finite].double(), expected[finite], rtol=tol, atol=tol)
+        assert_equal(torch.isnan(scores), ~finite, msg="NaN scores must mark exactly the non-finite images")
+        assert_close(scores[finite].double(), expected[finite], rtol=tol, atol=tol, msg="scores")
         flagged = finite & (expected > thr)
         near = (expected - thr).abs() <= 10 * tol * max(1.0, abs(thr))
         got = ~torch.isnan(scores) & (scores > thr)
@@ -126,17 +129,17 @@ def check_against_deque(xs, stats, metric, C, n_flags, backend, dtype, tol):
         enqueued += int(flagged.sum())
         assert int(ring.state[2]) == enqueued
         if survivors:
-            assert torch.equal(ring.ids[slots[slots >= 0].long()], ids[slots >= 0])
+            assert_equal(ring.ids[slots[slots >= 0].long()], ids[slots >= 0], msg="ring ids")
             assert (ring.steps[slots[slots >= 0].long()] == call_no).all()
     assert int(ring.state[3]) == nonfinite
-    assert torch.equal(ring.scratch, torch.zeros(2, dtype=torch.int32)), "scratch counters must be reset"
+    assert_equal(ring.scratch, torch.zeros(2, dtype=torch.int32), msg="scratch counters must be reset")
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine", "mahalanobis"])
 @pytest.mark.parametrize("dtype, tol", DTYPES, ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("B, D", [(1, 1), (7, 3), (64, 127), (1000, 2048), (1000, 3)])
 @pytest.mark.parametrize("C", [1, 32])
-def test_reference_matches_oracle_and_deque(metric, dtype, tol, B, D, C):
+def test_torch_path_matches_oracle_and_deque(metric, dtype, tol, B, D, C):
     if metric == "cosine" and D == 1:
         pytest.skip("cosine is constant in one dimension")
     gen = torch.Generator().manual_seed(B * 7919 + D * 31 + C)
@@ -178,7 +181,8 @@ def test_views_flag_an_image_when_any_view_is_rare(backend):
     scores, slots = call(x, stats, "euclidean", 1.0, torch.arange(9), 0, ring, backend)
     assert (slots >= 0).nonzero().flatten().tolist() == [3, 6]
     assert torch.isnan(scores[8]) and int(ring.state[3]) == 1
-    torch.testing.assert_close(scores[[3, 6]], torch.tensor([5.0, 5.0]) * 4)  # ||5 * ones(16)|| = 20
+    # ||5 * ones(16)|| = 20; torch.testing's fp32 tolerances
+    assert_close(scores[[3, 6]], torch.tensor([5.0, 5.0]) * 4, atol=1e-5, rtol=1.3e-6)
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
@@ -199,7 +203,8 @@ def test_rare_score_matches_oracle():
         on_device = [t.to(DEVICE) for t in (x, stats["center"], stats["proj"], stats["coef"], stats["alpha"])]
         for backend in ("auto", "torch", "triton"):
             got = rare_score(*on_device, METRICS[metric], backend=backend)
-            torch.testing.assert_close(got.cpu().double(), oracle_scores(x, stats, metric), rtol=1e-5, atol=1e-5)
+            assert_close(got.cpu().double(), oracle_scores(x, stats, metric), rtol=1e-5, atol=1e-5,
+                         msg=f"{metric} {backend}")
 
 
 @pytest.mark.parametrize(
@@ -244,15 +249,16 @@ def test_mahalanobis_split_over_r_matches_oracle_and_is_bit_stable():
     check_against_deque(xs, stats, "mahalanobis", 8, [0, 5, B], "triton", torch.float32, 1e-5)
     on_device = [t.to(DEVICE) for t in (xs[2], stats["center"], stats["proj"], stats["coef"], stats["alpha"])]
     once = rare_score(*on_device, METRICS["mahalanobis"], backend="triton").cpu()
-    torch.testing.assert_close(once.double(), oracle_scores(xs[2], stats, "mahalanobis"), rtol=1e-5, atol=1e-5)
+    assert_close(once.double(), oracle_scores(xs[2], stats, "mahalanobis"), rtol=1e-5, atol=1e-5)
     again = rare_score(*on_device, METRICS["mahalanobis"], backend="triton").cpu()
-    assert torch.equal(once.view(torch.int32), again.view(torch.int32)), "scores must be bit-stable"
+    assert_equal(once.view(torch.int32), again.view(torch.int32), msg="scores must be bit-stable")
     rings = []
     for _ in range(2):
         ring = Ring(8)
         scores, slots = call(xs[2], stats, "mahalanobis", float(once.median()), torch.arange(B), 0, ring, "triton")
         rings.append((scores.view(torch.int32), slots, ring.ids, ring.state))
-    assert all(torch.equal(a, b) for a, b in zip(*rings))
+    for name, a, b in zip(("scores", "slots", "ring ids", "state"), *rings):
+        assert_equal(a, b, msg=f"{name} of the second run")
 
 
 def test_metric_ids_are_python_ints_and_kernel_constants_constexpr():

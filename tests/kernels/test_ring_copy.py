@@ -1,4 +1,4 @@
-"""ring_copy: the Triton kernel and the reference copy exactly the flagged rows.
+"""ring_copy: the Triton kernel and the torch path copy exactly the flagged rows.
 
 Tensors live on DEVICE: on a GPU machine the kernel is compiled for the GPU; without one it runs in
 Triton's interpreter (tests/conftest.py).
@@ -9,9 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from oodfast.devices import default_device
 from oodfast.kernels.ring_copy import ring_copy
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from _assert import assert_equal
+
+DEVICE = torch.device(default_device())
 
 
 def batch(V: int, rows: int, crop: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -37,7 +40,8 @@ def test_two_groups_in_tail_layout(backend, dtype, B, C):
         if slots[b] >= 0:
             expected_g[:, B + int(slots[b])] = g0[:, b]
             expected_l[:, B + int(slots[b])] = l0[:, b]
-    assert torch.equal(g, expected_g) and torch.equal(loc, expected_l)
+    assert_equal(g, expected_g, msg="global views")
+    assert_equal(loc, expected_l, msg="local views")
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
@@ -46,7 +50,8 @@ def test_single_group_and_separate_tensors(backend):
     src, dst = batch(1, 5, (3, 2, 2), torch.float32, gen), torch.zeros(1, 3, 3, 2, 2, device=DEVICE)
     slots = torch.tensor([-1, 2, -1, 0, -1], dtype=torch.int32, device=DEVICE)
     ring_copy(slots, src, dst, backend=backend)
-    assert torch.equal(dst[0, 2], src[0, 1]) and torch.equal(dst[0, 0], src[0, 3])
+    assert_equal(dst[0, 2], src[0, 1], msg="slot 2")
+    assert_equal(dst[0, 0], src[0, 3], msg="slot 0")
     assert not dst[0, 1].any()
 
 
