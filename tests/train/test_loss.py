@@ -17,7 +17,7 @@ from oodfast.train import DINOLoss
 OUT_DIM = 64
 
 
-class ReferenceDINOLoss:
+class UpstreamDINOLoss:
     """DINO's loss, term by term as in the paper's code: a loop over (teacher view, student view) pairs,
     the centre rebound (not in place) from the batch mean, one process (world size 1)."""
 
@@ -74,9 +74,9 @@ TEMPS = [(0.04, 0.04, 0, 10), (0.04, 0.07, 3, 10), (0.02, 0.1, 5, 8)]
 
 
 @pytest.mark.parametrize("batch,ncrops,temps", list(itertools.product([1, 3, 8], [2, 4, 8], TEMPS)))
-def test_matches_reference_over_steps_and_epochs(batch, ncrops, temps):
+def test_matches_upstream_over_steps_and_epochs(batch, ncrops, temps):
     gen = torch.Generator().manual_seed(batch * 100 + ncrops)
-    ours, ref = DINOLoss(OUT_DIM, ncrops, *temps), ReferenceDINOLoss(OUT_DIM, ncrops, *temps)
+    ours, ref = DINOLoss(OUT_DIM, ncrops, *temps), UpstreamDINOLoss(OUT_DIM, ncrops, *temps)
     np.testing.assert_array_equal(ours.teacher_temp_schedule, ref.teacher_temp_schedule)
     nepochs = temps[3]
     for epoch in [0, 1, temps[2], nepochs - 1]:  # warm-up start, inside, end of warm-up, last epoch
@@ -128,7 +128,7 @@ def test_tensor_temperature_path_equals_epoch_path_and_never_recompiles():
 def test_bf16_inputs_are_computed_in_fp32(autocast):
     gen = torch.Generator().manual_seed(2)
     student, teacher = make_outputs(8, 4, gen, dtype=torch.bfloat16)
-    ours, ref = DINOLoss(OUT_DIM, 4, 0.04, 0.04, 0, 2), ReferenceDINOLoss(OUT_DIM, 4, 0.04, 0.04, 0, 2)
+    ours, ref = DINOLoss(OUT_DIM, 4, 0.04, 0.04, 0, 2), UpstreamDINOLoss(OUT_DIM, 4, 0.04, 0.04, 0, 2)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = ours(student, teacher, 0)
     expected = ref(student.float(), teacher.float(), 0)
@@ -136,7 +136,7 @@ def test_bf16_inputs_are_computed_in_fp32(autocast):
     assert_close_verbose(loss, expected, atol=1e-5, rtol=1e-5, what="bf16 loss")
     assert_close_verbose(ours.center, ref.center, atol=1e-6, rtol=1e-6, what="bf16 center")
     # the same loss computed in bf16 would be visibly off: the fp32 path is what makes this pass
-    bf16_ref = ReferenceDINOLoss(OUT_DIM, 4, 0.04, 0.04, 0, 2)
+    bf16_ref = UpstreamDINOLoss(OUT_DIM, 4, 0.04, 0.04, 0, 2)
     bf16_ref.center = bf16_ref.center.bfloat16()
     assert (bf16_ref(student, teacher, 0).float() - expected).abs() > (loss - expected).abs()
 
@@ -157,7 +157,7 @@ def test_state_dict_round_trip_holds_the_center_only_and_resumes_identically():
 
 def test_teacher_entropy_is_mean_entropy_of_teacher_softmax():
     gen = torch.Generator().manual_seed(4)
-    ours, ref = DINOLoss(OUT_DIM, 2, 0.04, 0.04, 0, 1), ReferenceDINOLoss(OUT_DIM, 2, 0.04, 0.04, 0, 1)
+    ours, ref = DINOLoss(OUT_DIM, 2, 0.04, 0.04, 0, 1), UpstreamDINOLoss(OUT_DIM, 2, 0.04, 0.04, 0, 1)
     student, teacher = make_outputs(5, 2, gen, scale=0.05)
     expected = ref.teacher_entropy(teacher, 0.04)  # before the centre moves
     ours(student, teacher, 0)
