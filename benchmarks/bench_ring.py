@@ -1,9 +1,9 @@
-"""The replay buffer: the seed's deque of view lists + stack/cat vs RareRing's ring ops.
+"""The ring stage: the paper's deque of view lists + stack/cat vs RareRing's ring ops.
 
     pytest benchmarks/bench_ring.py --benchmark-only
 
 One call = one training step's buffer work for a batch of B images (2 global + 6 local crops), of
-which ``flagged`` are rare: the seed appends each flagged image's views to a deque(maxlen=32) and
+which ``flagged`` are rare: the paper's path appends each flagged image's views to a deque(maxlen=32) and
 builds the mixed batch with torch.stack / view / torch.cat (allocating B + 32 rows per view every
 step); the ring enqueues on the device (rare_enqueue), copies the flagged crops into their slots in
 one launch (ring_copy) and hands out the persistent B + 32 rows without copying. On a GPU the batch
@@ -19,17 +19,18 @@ import torch
 
 from oodfast.bench.harness import sync
 from oodfast.bench.stages import ring_case
+from oodfast.devices import default_device
 
-DEVICE = torch.device(os.environ.get("OODFAST_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
+DEVICE = torch.device(os.environ.get("OODFAST_BENCH_DEVICE") or default_device())
 ON_GPU = DEVICE.type == "cuda"
 B = 256 if ON_GPU else 32
 
 
 @pytest.mark.parametrize("flagged", [1, 8])
-@pytest.mark.parametrize("path", ["seed", "ring"])
+@pytest.mark.parametrize("path", ["paper", "ring"])
 def test_ring(benchmark, path, flagged):
-    seed_step, ring_step = ring_case(DEVICE, B, 32, flagged, torch.bfloat16 if ON_GPU else torch.float32)
-    fn = seed_step if path == "seed" else ring_step
+    paper_step, ring_step = ring_case(DEVICE, B, 32, flagged, torch.bfloat16 if ON_GPU else torch.float32)
+    fn = paper_step if path == "paper" else ring_step
 
     def step():
         fn()

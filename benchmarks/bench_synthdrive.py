@@ -1,8 +1,9 @@
-"""synthdrive generation speed on one core: draw + JPEG + PNG + prevalence stats for one frame.
+"""Data generation (not an ``oodfast bench`` stage): synthdrive speed on one core, per frame drawn,
+written as JPEG + PNG mask, with its prevalence stats.
 
     pytest benchmarks/bench_synthdrive.py --benchmark-only
 
-Target (foundation issue): >= 30 frames/s at 640x360 on one core, i.e. <= 33 ms per frame.
+Target: >= 30 frames/s at 640x360 on one core, i.e. <= 33 ms per frame.
 """
 
 from __future__ import annotations

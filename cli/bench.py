@@ -1,4 +1,4 @@
-"""``oodfast bench``: throughput against the reference path (thin wrapper over oodfast.bench)."""
+"""``oodfast bench``: throughput against the paper's path (thin wrapper over oodfast.bench)."""
 
 from __future__ import annotations
 
@@ -19,13 +19,10 @@ from oodfast.cli._options import check_report_paths, report_options
 @report_options
 def bench(device: str | None, stages: str, quick: bool, plot_path: Path | None, json_path: Path | None,
           markdown_path: Path | None) -> None:
-    """Measure oodfast's paths against the seed's, stage by stage, in one run."""
-    import torch
-
+    """Measure oodfast's paths against the paper's, stage by stage, in one run."""
     from oodfast.bench import failures, plot_report, report_markdown, require_matplotlib, run_bench
     from oodfast.report import write_report
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if plot_path:
         require_matplotlib()
     check_report_paths(json_path, markdown_path, plot_path)

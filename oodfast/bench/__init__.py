@@ -1,9 +1,21 @@
-"""``oodfast bench``: throughput of oodfast's paths against the reference (the seed's) path, per stage.
+"""``oodfast bench``: throughput of oodfast's paths against the paper's code path, stage by stage.
 
 ``run_bench(device, stages, quick)`` returns a report dict: the environment (device, driver, library
 versions, git SHA, date), one row per (stage, case, path), and the verdict on each performance target
-of the issues (:mod:`oodfast.bench.targets`). ``report_markdown`` renders it; ``plot_report`` draws a
-bar chart of the speedups (matplotlib, optional).
+(:mod:`oodfast.bench.targets`). ``report_markdown`` renders it; ``plot_report`` draws a bar chart of
+the speedups (matplotlib, optional).
+
+Layout:
+
+    __init__.py   run_bench, the markdown report, the plot (this file)
+    harness.py    timing (time_fn: warm-up, median and spread, peak memory), CUDA-graph replay, the
+                  copy bandwidth, the environment a committed report carries
+    stages.py     the stages detect, ring, aug, step (train = end to end, measured with step): each
+                  runs the paper's path and oodfast's in the same process and returns rows
+    targets.py    the performance bounds and their verdicts on a report
+    gpu.py        the report side of benchmarks/gpu.sh: stage by stage, merged and written as it goes
+
+The pytest-benchmark suites in benchmarks/ (bench_<stage>.py) time the same cases.
 """
 
 from __future__ import annotations
@@ -18,21 +30,22 @@ import torch
 from oodfast.bench.harness import environment
 from oodfast.bench.stages import ALIASES, COMPILED_STEP, STAGES, run_stage
 from oodfast.bench.targets import check_targets
+from oodfast.devices import resolve_device
 
 log = logging.getLogger(__name__)
 STAGE_NAMES = tuple(STAGES) + tuple(ALIASES)
 
 
-def run_bench(device: str | torch.device, stages: Sequence[str], *, quick: bool = False,
+def run_bench(device: str | torch.device | None, stages: Sequence[str], *, quick: bool = False,
               workdir: Path | None = None) -> dict[str, Any]:
-    """Measure ``stages`` on ``device``; the reference and oodfast's paths run in the same process.
+    """Measure ``stages`` on ``device`` (None: the default device); the paper's path and oodfast's run
+    in the same process.
 
     Raises:
-        ValueError: an unknown stage, or ``cuda`` without a GPU.
+        ValueError: an unknown stage; :class:`oodfast.devices.NoGPUError` (a ValueError): ``cuda``
+            without a GPU.
     """
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but torch sees no GPU; use --device cpu")
+    dev = resolve_device(device)
     unknown = [s for s in stages if s not in STAGE_NAMES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGE_NAMES)}")
@@ -98,7 +111,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     return text
 
 
-_COMMON = ("speedup: over the stage's reference path in the same case (the seed's; eager for the step). first call: "
+_COMMON = ("speedup: over the stage's baseline in the same case (the paper's path; eager for the step). first call: "
            "the first, untimed call (compilation, autotuning, worker start-up; for a CUDA graph its capture), apart "
            "from the steady state. peak mem (CUDA only): the torch allocator's peak while the path ran, tensors "
            "alive before it included; DALI's own GPU memory is not counted.")
@@ -106,7 +119,7 @@ _COMMON = ("speedup: over the stage's reference path in the same case (the seed'
 COLUMNS = {
     "aug": "of limit: share of DALI decode-only throughput (same decoder placement). " + _COMMON,
     "detect": ("of limit: share of the HBM bandwidth of a device-to-device copy measured in the same run (GPU only). "
-               "vs torch: over the torch reference path. " + _COMMON),
+               "vs torch: over the torch path. " + _COMMON),
     "step": "of limit (end to end row): share of the compiled step-only throughput. " + _COMMON,
     "*": _COMMON,
 }
@@ -131,7 +144,7 @@ def require_matplotlib() -> None:
 
 
 def plot_report(report: dict[str, Any], path: str | Path) -> None:
-    """Bar chart of speedups over the reference path, one bar per (case, path); needs matplotlib."""
+    """Bar chart of speedups over each stage's baseline, one bar per (case, path); needs matplotlib."""
     require_matplotlib()
     import matplotlib
 
@@ -144,7 +157,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel("speedup over the reference path (log)")
+    ax.set_xlabel("speedup over the paper's path (eager for the step; log)")
     ax.set_title(f"oodfast bench on {report['environment']['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -25,6 +25,7 @@ from typing import Any
 from oodfast.bench import failures, plot_report, report_markdown, run_bench
 from oodfast.bench.harness import environment
 from oodfast.bench.targets import check_targets
+from oodfast.devices import default_device
 
 #: Exit status of a bench group stopped at its time cap (what ``timeout`` itself returns).
 STOPPED = 124
@@ -112,7 +113,7 @@ def env(stem: Path) -> dict[str, Any]:
     """STEM-env.json: :func:`environment` on CUDA plus nvidia-smi's view and what gpu.sh passed."""
     import torch
 
-    info = environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    info = environment(torch.device(default_device()))
     try:
         info["nvidia_smi"] = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.sm,power.limit,"

@@ -1,7 +1,8 @@
-"""The stages of ``oodfast bench``: each measures the reference path and oodfast's in the same run.
+"""The stages of ``oodfast bench``: each measures the paper's path and oodfast's in the same run.
 
 A stage returns rows (dicts) with ``stage``, ``case``, ``path``, ``images_per_s`` (or rows/s), ``us_per_call``
-with its spread, ``speedup`` over the stage's reference path, and where it applies the share of a
+with its spread, ``speedup`` over the stage's baseline (the paper's path; eager for the step), and where
+it applies the share of a
 physical limit (``limit``: HBM copy bandwidth for scoring; decode-only for augmentation; step-only
 for end-to-end training). One image = all its crops.
 """
@@ -26,11 +27,12 @@ Row = dict[str, Any]
 log = logging.getLogger(__name__)
 
 
-#: Path names the targets (oodfast.bench.targets) select rows by.
+#: Path names the targets (oodfast.bench.targets) and tests select rows by; "seed" is the paper's code.
 SEED_SCORE, TORCH, FUSED, FUSED_GRAPH = "seed (scipy loop)", "torch", "fused (Triton)", "fused (Triton), CUDA graph"
 EAGER_STEP, COMPILED_STEP, RANDOM_REPLAY_STEP = "eager", "compiled", "compiled, random replay"
 FROZEN_STEP, END_TO_END = "compiled, frozen detector", "end to end (loader + step)"
 SEED_AUG = "seed (PIL + DataLoader)"
+SEED_RING, RING = "seed (deque + stack/cat)", "RareRing (enqueue + ring_copy)"
 
 
 def dali_path(device: torch.device | str) -> str:
@@ -56,21 +58,21 @@ def _per_call(row: Row, calls: int) -> Row:
     return row
 
 
-def _speedups(rows: list[Row], reference: str, key: str = "speedup") -> list[Row]:
-    """Add ``key`` (default ``speedup``): the row's speed over the row of path ``reference`` in the same case."""
-    base = {r["case"]: r["us_per_call"] for r in rows if r["path"] == reference and "error" not in r}
+def _speedups(rows: list[Row], baseline: str, key: str = "speedup") -> list[Row]:
+    """Add ``key`` (default ``speedup``): the row's speed over the row of path ``baseline`` in the same case."""
+    base = {r["case"]: r["us_per_call"] for r in rows if r["path"] == baseline and "error" not in r}
     for r in rows:
         if r["case"] in base and "error" not in r:
             r[key] = base[r["case"]] / r["us_per_call"]
     return rows
 
 
-# ---- detect: the seed's scipy loop vs the torch reference vs the fused kernel ----------------------
+# ---- detect: the paper's scipy loop vs the torch path vs the fused kernel --------------------------
 
 def bench_detect(device: torch.device, quick: bool) -> list[Row]:
-    """Rows per (metric, B): the seed's loop (B <= 1024), the torch reference, and on a GPU the fused
-    Triton op eagerly and replayed from a CUDA graph. ``speedup`` is over the seed's loop where it ran,
-    ``vs_torch`` over the torch reference; ``limit`` is the share of the copy bandwidth (GPU)."""
+    """Rows per (metric, B): the paper's loop (B <= 1024), the torch path, and on a GPU the fused
+    Triton op eagerly and replayed from a CUDA graph. ``speedup`` is over the paper's loop where it ran,
+    ``vs_torch`` over the torch path; ``limit`` is the share of the copy bandwidth (GPU)."""
     from oodfast.detect import DetectorConfig, RareDetector
     from oodfast.kernels.knn_score import knn_score_torch
     from oodfast.kernels.rare_enqueue import rare_score_torch
@@ -83,7 +85,7 @@ def bench_detect(device: torch.device, quick: bool) -> list[Row]:
     metrics = ["euclidean", "mahalanobis"] if quick and not gpu else ["euclidean", "cosine", "mahalanobis", "knn"]
     dtype = torch.bfloat16 if gpu else torch.float32
     bandwidth = copy_bandwidth_gbps(device) if gpu else None
-    # Paths other than the seed's loop: 10 warm-up calls (a fresh process's first calls pay page faults
+    # Paths other than the paper's loop: 10 warm-up calls (a fresh process's first calls pay page faults
     # for their temporaries), then samples of back-to-back calls lasting >= 2 ms, so that a microsecond
     # call is not timed as its launch and device sync.
     repeats = 20 if gpu else 30
@@ -109,9 +111,9 @@ def bench_detect(device: torch.device, quick: bool) -> list[Row]:
             if gpu:
                 paths.append((FUSED, fused))
             for name, fn in paths:
-                seed = name == SEED_SCORE
-                t = time_fn(fn, device, warmup=3 if seed else 10, repeats=3 if seed else repeats,
-                            min_sample_s=0 if seed else 2e-3)
+                paper = name == SEED_SCORE
+                t = time_fn(fn, device, warmup=3 if paper else 10, repeats=3 if paper else repeats,
+                            min_sample_s=0 if paper else 2e-3)
                 rows.append(_detect_row(case, name, t, B, x, bandwidth, device))
             if gpu:  # the same op replayed from a CUDA graph: no launch overhead (first call = capture)
                 start = time.perf_counter()
@@ -136,17 +138,19 @@ def _detect_row(case: str, path: str, t: Timing, B: int, x: torch.Tensor, bandwi
                 **extra)
 
 
-# ---- ring: the seed's deque of view lists + stack/cat vs RareRing ------------------------------------
+# ---- ring: the paper's deque of view lists + stack/cat vs RareRing -----------------------------------
 
 def bench_ring(device: torch.device, quick: bool) -> list[Row]:
+    """Rows for one step's buffer work: the paper's deque + stack/cat and RareRing (rare_enqueue +
+    ring_copy, the mixed batch handed out without copying); ``speedup`` over the paper's."""
     gpu = device.type == "cuda"
     B, C, flagged = (256 if gpu else (16 if quick else 32)), 32, 8
-    seed_step, ring_step = ring_case(device, B, C, flagged, torch.bfloat16 if gpu else torch.float32)
+    paper_step, ring_step = ring_case(device, B, C, flagged, torch.bfloat16 if gpu else torch.float32)
     case = f"B={B} C={C} flagged={flagged}"
     repeats = 20 if gpu else 5
-    rows = [_row("ring", case, "seed (deque + stack/cat)", time_fn(seed_step, device, repeats=repeats), B, device),
-            _row("ring", case, "RareRing (enqueue + ring_copy)", time_fn(ring_step, device, repeats=repeats), B, device)]
-    return _speedups(rows, "seed (deque + stack/cat)")
+    rows = [_row("ring", case, SEED_RING, time_fn(paper_step, device, repeats=repeats), B, device),
+            _row("ring", case, RING, time_fn(ring_step, device, repeats=repeats), B, device)]
+    return _speedups(rows, SEED_RING)
 
 
 # ---- step and train: eager vs compiled DINO step; end to end vs step-only ---------------------------
@@ -169,22 +173,22 @@ def train_step(t: Any) -> None:
 
 
 def ring_case(device: torch.device, B: int, C: int, flagged: int, dtype: torch.dtype):
-    """(seed_step, ring_step): one step of the seed's deque buffer and of RareRing on the same batch of
-    B images x 8 views, ``flagged`` of them rare; both buffers start full."""
+    """(paper_step, ring_step): one step of the paper's deque buffer and of RareRing on the same batch
+    of B images x 8 views, ``flagged`` of them rare; both buffers start full."""
     from oodfast.buffer import RareRing
     from oodfast.detect import DetectorConfig, RareDetector
     from oodfast.paper import PaperMemoryBuffer
 
     views = [torch.randn(B, 3, 224, 224, device=device, dtype=dtype) for _ in range(2)] + \
             [torch.randn(B, 3, 96, 96, device=device, dtype=dtype) for _ in range(6)]
-    seed_buf = PaperMemoryBuffer(C)
+    paper_buf = PaperMemoryBuffer(C)
     for k in range(C):
-        seed_buf.add([v[k % B] for v in views])
+        paper_buf.add([v[k % B] for v in views])
 
-    def seed_step():
+    def paper_step():
         for i in range(flagged):
-            seed_buf.add([v[i] for v in views])
-        return seed_buf.concat_with_batch(views)
+            paper_buf.add([v[i] for v in views])
+        return paper_buf.concat_with_batch(views)
 
     ring = RareRing.for_multicrop(C, batch_size=B, dtype=dtype, device=device)
     det = RareDetector(1, DetectorConfig(), device=device)
@@ -200,7 +204,7 @@ def ring_case(device: torch.device, B: int, C: int, flagged: int, dtype: torch.d
         ring.write(slots)
         return ring.views()
 
-    return seed_step, ring_step
+    return paper_step, ring_step
 
 
 def _dali_imports() -> bool:
@@ -291,7 +295,7 @@ def random_resnet50_weights(workdir: Path) -> Path:
     return path
 
 
-# ---- aug: the seed's PIL path vs DALI vs torchvision, decode-only as the limit ----------------------
+# ---- aug: the paper's PIL path vs DALI vs torchvision, decode-only as the limit ---------------------
 
 #: DALI's ``hw_decoder_load`` values an aug run on a GPU sweeps: the share of the JPEGs sent to the
 #: hardware JPEG decoder (A100/H100/H200), the rest going to nvJPEG's CUDA decoder. The best share depends
@@ -311,7 +315,7 @@ def decode_only_path(device: torch.device | str, load: float | None) -> str:
 
 
 def bench_aug(device: torch.device, quick: bool, workdir: Path) -> list[Row]:
-    """Rows per loader: the seed's PIL path (DataLoader workers = cores), DALI (on a GPU at each
+    """Rows per loader: the paper's PIL path (DataLoader workers = cores), DALI (on a GPU at each
     ``hw_decoder_load`` of :data:`HW_DECODER_LOADS`), torchvision (GPU only), and DALI decode-only. ``limit``
     is the share of decode-only throughput at the same decoder placement and load."""
     from oodfast.data.discover import discover
@@ -326,7 +330,7 @@ def bench_aug(device: torch.device, quick: bool, workdir: Path) -> list[Row]:
     B = 32 if gpu else 16
     # On a GPU one pass over 512 files at >= 3,000 images/s lasts ~0.2 s, too short to time against the
     # per-epoch costs: the fast loaders cycle through the files 4 times per epoch (fresh permutations).
-    # The reference keeps one pass (it re-spawns its workers every epoch, as the seed does).
+    # The paper's path keeps one pass (it re-spawns its workers every epoch, as the paper's code does).
     fast_epoch = 4 * len(files.images) if gpu and not quick else None
     loads = (HW_DECODER_LOADS if not quick else (DEFAULT_HW_DECODER_LOAD,)) if gpu else (None,)
     runs: list[tuple[str, str, dict[str, Any], int | None]] = [(SEED_AUG, "paper", {}, None)]

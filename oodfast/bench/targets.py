@@ -1,4 +1,4 @@
-"""The performance targets of the kernels, multi-crop and trainer issues, checked against a bench report.
+"""The performance targets of the kernels, the multi-crop loader and the trainer, checked against a bench report.
 
 Each :class:`Target` names the rows it reads (stage, path, case prefix), the figure it takes from them,
 and a bound. :func:`check_targets` returns one verdict per target: ``met``, ``not met``, or

@@ -1,19 +1,20 @@
-"""Multi-crop throughput: images/s, one image = all its crops (2 global + 6 local, DINO's recipe).
+"""The aug stage: multi-crop throughput in images/s, one image = all its crops (2 global + 6 local,
+DINO's recipe).
 
-    pytest benchmarks/bench_multicrop.py --benchmark-only
+    pytest benchmarks/bench_aug.py --benchmark-only
 
 Each round is one epoch over synthdrive JPEGs (a fresh pass through the loader; pipelines and
 workers are built outside the timed region where the backend allows). Compared in the same run:
 
     decode_only     the limit: decoding alone (DALI CPU decoder / nvJPEG on the GPU)
-    reference       the seed: PIL + torchvision in DataLoader workers (workers = cores)
+    paper           the paper's path: PIL + torchvision in DataLoader workers (workers = cores)
     dali_cpu        our DALI pipeline, CPU only (device_id=None)
     dali_gpu        our DALI pipeline on the GPU (skipped without CUDA)
     torch           torchvision.io decode + batched tensor ops (on the GPU when there is one)
 
-Sizes: 1280x720 with CUDA (the issue's target: DALI GPU >= 3,000 images/s on one H100 and >= 8x the
-reference with 16 workers, within 80% of decode-only); 640x360 and fewer images on a CPU-only
-machine, where only the ratio DALI CPU / reference counts (target > 1). ``extra_info`` records
+Sizes: 1280x720 with CUDA (the targets, oodfast/bench/targets.py: DALI GPU >= 3,000 images/s and
+>= 8x the paper's path, near decode-only); 640x360 and fewer images on a CPU-only machine, where only
+the ratio DALI CPU / the paper's path counts (target > 1). ``extra_info`` records
 images/s, the image size and the fraction of decode-only.
 """
 
@@ -29,16 +30,17 @@ import torch
 from oodfast.data.discover import discover
 from oodfast.data.multicrop import MultiCropConfig, multicrop_loader
 from oodfast.data.synthdrive import SynthConfig, generate
+from oodfast.devices import default_device
 
 pytest.importorskip("nvidia.dali")
 
-CUDA = torch.cuda.is_available()
+CUDA = default_device() == "cuda"
 SIZE = (1280, 720) if CUDA else (640, 360)
 N_IMAGES = 512 if CUDA else 64
 BATCH = 64 if CUDA else 16
 # Images per timed epoch: on a GPU, 512 files at >= 3,000 images/s would be a ~0.2 s epoch, too short
-# to time and dominated by per-epoch costs (the reference re-spawns its workers every epoch, as the
-# seed does); the loaders cycle through the files with fresh permutations instead.
+# to time and dominated by per-epoch costs (the paper's path re-spawns its workers every epoch, as the
+# paper's code does); the loaders cycle through the files with fresh permutations instead.
 EPOCH = 8 * N_IMAGES if CUDA else N_IMAGES
 CORES = len(os.sched_getaffinity(0))
 ROUNDS = 3
@@ -47,7 +49,7 @@ _decode_rate: dict[str, float] = {}
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    root = tmp_path_factory.mktemp("bench_multicrop") / "sd"
+    root = tmp_path_factory.mktemp("bench_aug") / "sd"
     generate(root, N_IMAGES, seed=0, config=SynthConfig(width=SIZE[0], height=SIZE[1]),
              val_fraction=0.0, workers=CORES)
     return list(discover("bdd10k", root, "train", use_default_list=False).images)
@@ -102,13 +104,13 @@ def test_decode_only(benchmark, files: list[Path], device: str) -> None:
 
 
 @pytest.mark.parametrize("backend,device", [
-    ("reference", "cpu"),
+    ("paper", "cpu"),
     ("dali", "cpu"),
     pytest.param("dali", "cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA")),
-    ("torch", "cuda" if CUDA else "cpu"),
-], ids=["reference", "dali_cpu", "dali_gpu", "torch"])
+    ("torch", default_device()),
+], ids=["paper", "dali_cpu", "dali_gpu", "torch"])
 def test_multicrop(benchmark, files: list[Path], backend: str, device: str) -> None:
-    kw = {"num_workers": CORES} if backend in ("reference", "dali") else {}
+    kw = {"num_workers": CORES} if backend in ("paper", "dali") else {}
     loader = multicrop_loader(files, MultiCropConfig.dino(), BATCH, device=device, seed=0, backend=backend,
                               epoch_length=EPOCH, **kw)
     images = _epoch(loader)  # warm-up: builds the pipeline / first workers
