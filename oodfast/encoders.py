@@ -1,7 +1,8 @@
 """Backbones and frozen encoders: the one place oodfast builds or loads an encoder.
 
-``build_backbone(arch)`` returns a randomly initialised torchvision backbone with ``fc`` removed;
-``load_encoder(source, arch, device)`` returns it frozen (eval mode, no gradients), mapping
+``build_backbone(arch)`` returns a randomly initialised backbone: a torchvision ResNet-family model
+with ``fc`` removed, or one of DINO's ViTs (:mod:`oodfast.vit`, ``vit_tiny|vit_small|vit_base`` with
+``patch_size`` 8 or 16). ``load_encoder(source, arch, device)`` returns it frozen (eval mode, no gradients), mapping
 [B, 3, H, W] to [B, D], from an oodfast / facebookresearch/dino training checkpoint (its teacher's
 ``backbone.*``), a plain backbone state dict (e.g. DINO's released ``dino_resnet50_pretrain.pth``),
 or ``"random"`` (the untrained baseline). Files are read with ``weights_only=True``: a file that
@@ -10,8 +11,8 @@ would execute code is refused.
 Every caller goes through :func:`load_encoder`: ``oodfast evaluate`` and :mod:`oodfast.evaluate`,
 the trainer's frozen detector (``load_encoder(path, "resnet50", device)``) and the drop-in API,
 whose :func:`oodfast.compat.load_resnet50_trunk` is that same call with the DINO-weights hint added
-to its errors. This module imports nothing from ``oodfast.train`` at import time (the checkpoint
-reader is imported when a file is loaded).
+to its errors. Files are read by :mod:`oodfast.safeload` (DINO's loading rule: ``module.`` and
+``backbone.`` prefixes stripped); nothing here imports from ``oodfast.train``.
 """
 
 from __future__ import annotations
@@ -19,32 +20,43 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 import torchvision
 from torch import nn
 
+from oodfast.safeload import checkpoint_args, load_torch_file, network_state
+from oodfast.vit import VIT_ARCHS, build_vit
 
 # torchvision classification families whose models end in a linear ``fc``: the supported backbones.
 _FC_FAMILIES = ("resnet", "resnext", "wide_resnet", "regnet_")
 
 
 def backbone_names() -> list[str]:
-    """Names ``build_backbone`` accepts: torchvision classification models with an ``fc`` classifier."""
+    """Names ``build_backbone`` accepts: DINO's ViTs, and torchvision classification models with an
+    ``fc`` classifier."""
     names = torchvision.models.list_models(module=torchvision.models)
-    return sorted(n for n in names if n.startswith(_FC_FAMILIES))
+    return list(VIT_ARCHS) + sorted(n for n in names if n.startswith(_FC_FAMILIES))
 
 
-def build_backbone(arch: str = "resnet50") -> tuple[nn.Module, int]:
-    """A randomly initialised torchvision backbone with ``fc = nn.Identity()`` and its feature width.
+def is_vit(arch: str) -> bool:
+    return arch in VIT_ARCHS
+
+
+def build_backbone(arch: str = "resnet50", *, patch_size: int = 16, drop_path_rate: float = 0.0) -> tuple[nn.Module, int]:
+    """A randomly initialised backbone without classifier, and its feature width.
 
     Args:
-        arch: torchvision model name, e.g. ``resnet50`` (the paper's), ``resnet18``, ``resnext50_32x4d``.
+        arch: ``vit_tiny`` / ``vit_small`` / ``vit_base`` (DINO's ViTs), or a torchvision model name,
+            e.g. ``resnet50`` (the paper's), ``resnet18``, ``resnext50_32x4d``.
+        patch_size, drop_path_rate: ViTs only (DINO's ``--patch_size`` and ``--drop_path_rate``).
 
     Returns:
-        (module mapping [B, 3, H, W] to [B, embed_dim], embed_dim), e.g. 2048 for resnet50.
+        (module mapping [B, 3, H, W] to [B, embed_dim], embed_dim), e.g. 2048 for resnet50, 384 for vit_small.
     """
+    if is_vit(arch):
+        model = build_vit(arch, patch_size, drop_path_rate)
+        return model, model.embed_dim
     valid = backbone_names()
     if arch not in valid:
         raise ValueError(f"unknown backbone arch {arch!r}; choose one of: {', '.join(valid)}")
@@ -54,20 +66,6 @@ def build_backbone(arch: str = "resnet50") -> tuple[nn.Module, int]:
     return model, embed_dim
 
 
-def _backbone_state(state: Mapping[str, Any], source: Path) -> dict[str, torch.Tensor]:
-    """``backbone.*`` entries of a teacher/student state dict (prefixes stripped), or a bare backbone's."""
-    clean: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key[len(prefix):] if key.startswith(prefix) else key
-        clean[key] = value
-    if any(k.startswith("backbone.") for k in clean):
-        return {k[len("backbone."):]: v for k, v in clean.items() if k.startswith("backbone.")}
-    if any(k.startswith("head.") for k in clean):
-        raise ValueError(f"{source}: the state dict has head.* but no backbone.* keys; it is not a DINO teacher/student")
-    return clean
-
-
 def load_encoder(
     source: str | os.PathLike[str],
     arch: str = "resnet50",
@@ -75,6 +73,7 @@ def load_encoder(
     *,
     checkpoint_key: str = "teacher",
     seed: int = 0,
+    patch_size: int = 16,
 ) -> nn.Module:
     """A frozen backbone (eval mode, no gradients) mapping [B, 3, H, W] to features [B, D].
 
@@ -89,48 +88,49 @@ def load_encoder(
         arch: torchvision backbone name (:func:`build_backbone`).
         device: where the module goes.
         checkpoint_key: which network of a training checkpoint (``teacher`` or ``student``).
+        patch_size: a ViT's patch size.
 
     Raises:
         ValueError (``CheckpointError`` for unreadable files): a missing file, an unknown arch, a
         checkpoint without ``checkpoint_key``, or weights that do not fit ``arch`` (the message
         names the missing, unexpected and mis-shaped keys).
     """
-    from oodfast.train.checkpoint import CheckpointError, load_checkpoint
-
     if str(source) == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model, _ = build_backbone(arch)
+            model, _ = build_backbone(arch, patch_size=patch_size)
         return _frozen(model, device)
 
     path = Path(source).expanduser()
     if not path.is_file():
         raise ValueError(f"encoder source {path} does not exist; pass an oodfast/DINO checkpoint "
                          f"(e.g. OUTPUT_DIR/checkpoint.pth from `oodfast train`), DINO backbone weights, or 'random'")
-    model, _ = build_backbone(arch)
-    try:
-        ckpt = load_checkpoint(path)
-    except CheckpointError as e:
-        if "is not a DINO/oodfast training checkpoint" not in str(e):
-            raise
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # loads: load_checkpoint just did
-        if not isinstance(ckpt, Mapping):
-            raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a state dict or checkpoint") from None
-        if checkpoint_key in ckpt and isinstance(ckpt[checkpoint_key], Mapping):
-            state = ckpt[checkpoint_key]
-        elif all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-            state = ckpt
-        else:
-            raise ValueError(f"{path} is neither a training checkpoint with a {checkpoint_key!r} entry nor a plain "
-                             f"state dict of tensors (top-level keys: {sorted(map(str, ckpt))[:8]})") from None
-    else:
-        if checkpoint_key not in ckpt:
-            raise ValueError(f"checkpoint {path} has no {checkpoint_key!r} entry (keys: {sorted(ckpt)})")
-        state = ckpt[checkpoint_key]
-    weights = _backbone_state(state, path)
+    model, _ = build_backbone(arch, patch_size=patch_size)
+    ckpt = load_torch_file(path)
+    weights = backbone_weights(network_state(ckpt, checkpoint_key, path), path)
+    load_weights(model, weights, path, arch, trained=checkpoint_args(ckpt).get("arch") if isinstance(ckpt, Mapping) else None)
+    return _frozen(model, device)
+
+
+def backbone_weights(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The encoder's part of :func:`oodfast.safeload.network_state`'s output: ``head.*`` (DINO's
+    projection head) dropped; a state dict that holds only a head is refused."""
+    if state and all(k.startswith("head.") for k in state):
+        raise ValueError(f"{path}: the state dict has head.* but no backbone.* keys; it is not a DINO teacher/student")
+    return {k: v for k, v in state.items() if not k.startswith("head.")}
+
+
+def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], path: str | os.PathLike[str], arch: str,
+                 *, trained: str | None = None) -> None:
+    """``model.load_state_dict(weights, strict=True)``, ignoring a classifier (``fc.*`` / ``head.*``).
+
+    Raises:
+        ValueError: naming the missing, unexpected and mis-shaped keys, and the arch the checkpoint
+            says it was trained with (``trained``).
+    """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(k for k in set(weights) - set(expected) if not k.startswith("fc."))
+    unexpected = sorted(k for k in set(weights) - set(expected) if not k.startswith(("fc.", "head.")))
     shapes = sorted(k for k in set(expected) & set(weights) if tuple(expected[k].shape) != tuple(weights[k].shape))
     if missing or unexpected or shapes:
         parts = []
@@ -141,12 +141,10 @@ def load_encoder(
         if shapes:
             parts.append("mis-shaped: " + ", ".join(
                 f"{k} {tuple(weights[k].shape)} vs {tuple(expected[k].shape)}" for k in shapes[:5]))
-        trained = ckpt.get("args", {}).get("arch") if isinstance(ckpt.get("args"), Mapping) else None
         hint = f" (the checkpoint says arch {trained!r})" if trained else " (its args['arch'])"
         raise ValueError(f"weights in {path} do not fit arch {arch!r}: " + "; ".join(parts) +
                          f". Pass the arch the checkpoint was trained with{hint}")
     model.load_state_dict({k: weights[k] for k in expected}, strict=True)
-    return _frozen(model, device)
 
 
 def _frozen(model: nn.Module, device: str | torch.device) -> nn.Module:

@@ -3,24 +3,20 @@
 One dict with DINO's keys (``student``, ``teacher``, ``optimizer``, ``epoch``, ``args``,
 ``dino_loss``; ``fp16_scaler`` where a scaler is used) and ours (``ring``, ``step``, ``rng``,
 ``detector``, ``config``). ``teacher`` keys are ``backbone.*`` / ``head.*`` from the uncompiled
-module, so DINO's eval scripts load it. ``args`` is a plain dict (DINO stores an argparse.Namespace,
-which ``torch.load(weights_only=True)`` refuses).
+module, so DINO's eval scripts load it. oodfast writes ``args`` as a plain dict; DINO's own
+checkpoints hold an ``argparse.Namespace`` there, which loading allows.
 
-Loading uses ``torch.load(weights_only=True)``: only tensors and plain containers are accepted, and
-a file that would execute code on load is refused with a clear error.
+Reading files is :mod:`oodfast.safeload` (``weights_only=True`` with an explicit allow-list; a file
+that would execute code on load is refused); its names are re-exported here.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import pickle
-import pickletools
 import random
-import re
 import shutil
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +24,8 @@ import numpy as np
 import torch
 
 from oodfast.fileio import atomic_path
+from oodfast.safeload import DINO_KEYS, CheckpointError, check_checkpoint_file, load_checkpoint  # noqa: F401 (re-exported)
 
-DINO_KEYS = ("student", "teacher", "optimizer", "epoch", "args", "dino_loss")
 
 #: Settings that may change when a run is continued: where and how it runs, not what it trains.
 RESUMABLE_CHANGES = frozenset({"output_dir", "data_root", "num_workers", "log_every", "tensorboard", "max_steps",
@@ -37,10 +33,6 @@ RESUMABLE_CHANGES = frozenset({"output_dir", "data_root", "num_workers", "log_ev
 
 #: Config keys of earlier checkpoints, mapped to their name now (``threshold`` was the threshold mode).
 RENAMED_CONFIG_KEYS = {"threshold": "threshold_mode"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, unsafe, or does not fit this run."""
 
 
 class OutputDirError(OSError):
@@ -188,102 +180,3 @@ def _write_error(path: Path, tmp: Path, checkpoint: dict[str, Any], e: BaseExcep
     reason = (getattr(e, "strerror", None) or str(e).strip().splitlines() or [type(e).__name__])
     reason = reason if isinstance(reason, str) else reason[0]
     return OSError(getattr(e, "errno", None) or errno.EIO, f"cannot write checkpoint {path} ({reason}){kept}", str(path))
-
-
-def check_checkpoint_file(path: str | Path, what: str | None = None) -> int:
-    """Cheap checks of a checkpoint file before any work depends on it: it exists, is not empty, and is
-    not a cut-off zip (torch's format ends with the zip directory, so a truncated file has none).
-
-    Args:
-        path: the file.
-        what: the option that named it (e.g. ``--resume``), to start the message with.
-
-    Returns:
-        Its size in bytes.
-
-    Raises:
-        CheckpointError: one line naming the file and what to do.
-    """
-    path = Path(path).expanduser()
-    what = f"{what}: " if what else ""
-    if not path.is_file():
-        state = "a folder, not a file" if path.is_dir() else "missing"
-        raise CheckpointError(f"{what}no checkpoint at {path} ({state}); pass an existing checkpoint file (for "
-                              "--resume: OUTPUT_DIR/checkpoint.pth of an earlier run, or drop --resume to start "
-                              "from scratch)")
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError as e:
-        raise CheckpointError(f"{what}cannot read checkpoint {path} ({e.strerror or e})") from None
-    if size == 0:
-        raise CheckpointError(f"{what}checkpoint {path} is empty (0 bytes), e.g. an interrupted copy or download; "
-                              "copy it again (oodfast's own writes are atomic and never leave an empty checkpoint)")
-    # torch files are zips (PK...) or, in the legacy format, open with a pickle's PROTO opcode (0x80)
-    if (head.startswith(b"PK") and not zipfile.is_zipfile(path)) or not head.startswith((b"PK", b"\x80")):
-        raise CheckpointError(what + _damaged(path, size))
-    return size
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``).
-
-    Raises:
-        CheckpointError: no file, an empty or truncated file, not a checkpoint, or a pickle that would
-            run code (refused unexecuted); one line naming the file.
-    """
-    path = Path(path).expanduser()
-    size = check_checkpoint_file(path)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if _intact_container(path):  # a whole file whose pickle asks for more than tensors and plain containers
-            raise CheckpointError(
-                f"refusing to load {path}: it holds Python objects that weights_only loading does not accept "
-                f"({_unpickler_reason(e)}), and unpickling them could run code; only load checkpoints you trust, "
-                "and re-save foreign ones as plain state dicts") from None
-        raise CheckpointError(_damaged(path, size)) from None
-    except (EOFError, RuntimeError, KeyError, ValueError, zipfile.BadZipFile, UnicodeDecodeError):
-        raise CheckpointError(_damaged(path, size)) from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path} ({e.strerror or e})") from None
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in DINO_KEYS):
-        raise CheckpointError(f"{path} is not a DINO/oodfast training checkpoint (expected keys {DINO_KEYS})")
-    return ckpt
-
-
-def _damaged(path: Path, size: int) -> str:
-    return (f"checkpoint {path} ({size} bytes) is truncated or not a torch checkpoint: copy it again, or point at "
-            "another checkpoint (an interrupted oodfast run keeps its last complete checkpoint.pth)")
-
-
-def _intact_container(path: Path) -> bool:
-    """Whether ``path`` is a complete torch file (a valid zip, or a legacy file that opens with a whole
-    protocol >= 2 pickle), judged without unpickling anything: then a weights_only refusal is about its
-    content, not damage."""
-    if zipfile.is_zipfile(path):
-        try:
-            with zipfile.ZipFile(path) as z:
-                return z.testzip() is None
-        except (zipfile.BadZipFile, OSError, RuntimeError):
-            return False
-    try:
-        with open(path, "rb") as f:
-            ops = pickletools.genops(f)
-            first = next(ops)
-            if first[0].name != "PROTO":
-                return False
-            return any(op.name == "STOP" for op, _, _ in ops)
-    except Exception:  # any parse failure: not a whole pickle  # noqa: BLE001
-        return False
-
-
-def _unpickler_reason(e: BaseException) -> str:
-    """The line of torch's weights_only message that says what was refused."""
-    text = str(e)
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if found:
-        return f"the Python global {found.group(1)}"
-    found = re.search(r"Unsupported (operand|class) [^\n.]+", text)
-    return found.group(0) if found else type(e).__name__
