@@ -13,9 +13,9 @@
 #   tests   tests/kernels (Triton compiled for this GPU; test_compile.py: the real compiler + ptxas),
 #           tests/train/test_cuda.py (20 trainer steps under sync debug mode), tests/test_bench.py
 #           (CUDA-graph replay)                                                -> STEM-tests.txt
-#   detect  oodfast bench stages detect + ring: seed's scipy loop vs torch vs fused Triton, eager and
+#   detect  oodfast bench stages detect + ring: the paper's scipy loop vs torch vs fused Triton, eager and
 #           replayed from a CUDA graph, share of the copy bandwidth; the ring   -> STEM.{json,md,png}
-#   aug     DALI GPU multi-crop at each hw_decoder_load vs decode-only vs the seed's PIL path vs
+#   aug     DALI GPU multi-crop at each hw_decoder_load vs decode-only vs the paper's PIL path vs
 #           torchvision (skipped, and said so, without DALI)                   -> STEM.{json,md,png}
 #   step    ResNet-50 DINO step eager vs compiled, random replay, frozen detector (OOD overhead),
 #           end to end vs step-only                                           -> STEM.{json,md,png}

@@ -122,7 +122,7 @@ def test_targets_met_not_met_and_not_measured():
     assert verdicts["end to end: share of step-only"]["status"] == "met"
     assert verdicts["fused euclidean, B=1024 bf16, in a CUDA graph"]["status"].startswith("not measured (no such row")
     assert verdicts["DALI GPU multi-crop from 1280x720"]["status"] == "not measured (stage aug did not run)"
-    assert verdicts["DALI CPU over the reference"]["status"].startswith("not measured (a cpu target")
+    assert verdicts["DALI CPU over the paper's PIL path"]["status"].startswith("not measured (a cpu target")
 
 
 def test_cpu_targets_from_a_cpu_report():
@@ -133,11 +133,11 @@ def test_cpu_targets_from_a_cpu_report():
         {"stage": "aug", "case": "640x360 JPEG", "path": "DALI cpu", "speedup": 1.1},
     ])
     verdicts = {v["target"]: v["status"] for v in check_targets(report)}
-    assert verdicts["torch scoring over the seed's scipy loop, euclidean B=1024 D=2048"] == "not met"
-    assert verdicts["DALI CPU over the reference"] == "met"
+    assert verdicts["torch scoring over the paper's scipy loop, euclidean B=1024 D=2048"] == "not met"
+    assert verdicts["DALI CPU over the paper's PIL path"] == "met"
     assert all(s.startswith("not measured (a cuda target") for t, s in verdicts.items()
-               if t not in ("DALI CPU over the reference",
-                            "torch scoring over the seed's scipy loop, euclidean B=1024 D=2048"))
+               if t not in ("DALI CPU over the paper's PIL path",
+                            "torch scoring over the paper's scipy loop, euclidean B=1024 D=2048"))
 
 
 def test_markdown_shows_first_call_vs_torch_and_targets():
