@@ -1,4 +1,5 @@
-"""What a run reports: steps' scalars read a step late, the JSON-lines log, TensorBoard, the progress bar.
+"""What a run reports: steps' scalars read a step late, the JSON-lines log, DINO's ``log.txt``,
+TensorBoard, the progress bar.
 
 A step's loss, skip flag and signals (and, on log steps, its monitoring scalars) are 0-d device
 tensors; :class:`Readout` copies them to pinned host memory behind an event, and :class:`StepLog`
@@ -70,7 +71,9 @@ class StepLog:
     """The log of one run: reads the steps' scalars a step late and acts on them.
 
     Args:
-        path: the JSON-lines log (``output_dir/log.jsonl``); written by rank 0 only (``write``).
+        path: the JSON-lines log (``output_dir/log.jsonl``); written by rank 0 only (``write``). Beside it,
+            ``log.txt`` gets one line per epoch with facebookresearch/dino's keys (``train_loss``,
+            ``train_lr``, ``train_wd``, ``epoch``), which DINO's tooling reads.
         device: where the steps run (the readout's pinned memory on CUDA).
         images_per_step: images all ranks train on per step (B x world), for images/s.
         max_entropy: the teacher's maximal entropy (log K), for ``entropy_ratio``.
@@ -96,7 +99,7 @@ class StepLog:
 
     def restart(self) -> None:
         """Forget the counters of an earlier :meth:`Trainer.train` (not the epoch's losses)."""
-        self.bad_in_row, self.images_seen, self.last = 0, 0, {}
+        self.bad_in_row, self.images_seen, self.first, self.last = 0, 0, {}, {}
         self.start_timer()
 
     def start_timer(self) -> None:
@@ -138,6 +141,7 @@ class StepLog:
             self.epoch_losses.append(v["loss"])
             if meta["log"]:
                 self.last = self._record(step, epoch, v, meta["values"])
+                self.first = self.first or self.last
                 if self.bar is not None:
                     self.bar.set_postfix(loss=f"{v['loss']:.3f}", img_s=f"{self.last['images_per_s']:.1f}",
                                          flag=f"{self.last.get('flag_rate', 0):.3f}", buf=self.last.get("buffer", 0))
@@ -161,12 +165,21 @@ class StepLog:
                     self.tb.add_scalar(f"train/{key}", value, step)
         return rec
 
-    def epoch_end(self, epoch: int, step: int) -> None:
-        """The epoch's record: its mean loss and the last logged scalars (if any step of it was kept)."""
+    @property
+    def dino_log(self) -> Path:
+        return self.path.parent / "log.txt"
+
+    def epoch_end(self, epoch: int, step: int, *, lr: float, wd: float) -> None:
+        """The epoch's record: its mean loss and the last logged scalars (if any step of it was kept),
+        and DINO's line in ``log.txt`` (``lr`` / ``wd``: the epoch's mean learning rate and weight decay,
+        as DINO's metric logger averages them)."""
         if self.epoch_losses:
+            loss = float(np.mean(self.epoch_losses))
             scalars = {k: v for k, v in self.last.items() if k not in ("step", "epoch", "loss")}
-            self.write({**scalars, "epoch": epoch, "event": "epoch_end", "step": step,
-                        "loss": float(np.mean(self.epoch_losses))})
+            self.write({**scalars, "epoch": epoch, "event": "epoch_end", "step": step, "loss": loss})
+            if self.rank == 0:
+                with open(self.dino_log, "a") as f:
+                    f.write(json.dumps({"train_loss": loss, "train_lr": lr, "train_wd": wd, "epoch": epoch}) + "\n")
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` to the log (rank 0)."""

@@ -36,6 +36,7 @@ from oodfast.train.checkpoint import (RESUMABLE_CHANGES, check_checkpoint_file, 
 from oodfast.train.config import TrainConfig
 from oodfast.train.dino import DINO, build_networks
 from oodfast.train.monitor import StepLog, TrainingDiverged
+from oodfast.train.pictures import read_log, run_pictures
 from oodfast.train.runtime import Runtime, StopSignals, autocast, crop_dtype, resolve_device
 
 __all__ = ["RESUMABLE_CHANGES", "StopSignals", "Trainer", "TrainingDiverged", "TrainingInterrupted", "check_same_run",
@@ -232,9 +233,21 @@ class Trainer:
             self._epoch(epoch, stop, total)
             if self.step % self.steps_per_epoch == 0 or self.step >= total:
                 self.save(epoch)
-        return {"steps": self.step, "epochs_done": self.step / self.steps_per_epoch, "last": self.monitor.last,
-                "seconds": round(self.monitor.seconds, 1), "compile_seconds": round(self.compile_seconds, 1),
-                "checkpoint": str(self.out / "checkpoint.pth"), "log": str(self.monitor.path)}
+        summary = {"steps": self.step, "epochs_done": self.step / self.steps_per_epoch, "first": self.monitor.first,
+                   "last": self.monitor.last, "seconds": round(self.monitor.seconds, 1),
+                   "compile_seconds": round(self.compile_seconds, 1), "checkpoint": str(self.out / "checkpoint.pth"),
+                   "log": str(self.monitor.path), "log_txt": str(self.monitor.dino_log)}
+        if self.rank == 0:
+            summary.update(self.pictures())
+        return summary
+
+    def pictures(self) -> dict[str, Any]:
+        """``buffer.png`` and ``curves.png`` in ``output_dir``, and the collapse warning (rank 0)."""
+        result = run_pictures(self.out, read_log(self.monitor.path), self.ring, mean=self.crops.mean,
+                              std=self.crops.std, images=self.files.images, masks=self.files.masks)
+        if result["collapse_warning"]:
+            log.warning("%s", result["collapse_warning"])
+        return result
 
     def _epoch(self, epoch: int, stop: StopSignals, total: int) -> None:
         """The steps of ``epoch`` not done yet (all of them unless resuming inside it), up to ``total``."""
@@ -271,7 +284,9 @@ class Trainer:
                 self._stop(stop, epoch, signum)
         self.monitor.settle()
         bar.close()
-        self.monitor.epoch_end(epoch, self.step)
+        done = slice(epoch * self.steps_per_epoch, max(self.step, epoch * self.steps_per_epoch + 1))
+        self.monitor.epoch_end(epoch, self.step, lr=float(np.mean(self.dino.schedules.lr[done])),
+                               wd=float(np.mean(self.dino.schedules.weight_decay[done])))
 
     def run_step(self, epoch: int = 0, stop: StopSignals | None = None, *, log: bool = False,
                  timed: bool = True) -> None:

@@ -124,6 +124,30 @@ def test_short_run_writes_a_dino_checkpoint_that_torchvision_loads(data_root, tm
     assert rec["buffer"] == 2 and 0 < rec["entropy_ratio"] <= 1.0
 
 
+def test_a_run_leaves_dinos_log_txt_its_pictures_and_a_readable_summary(data_root, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from oodfast.train.pictures import format_summary
+
+    t = Trainer(tiny(data_root, tmp_path / "seen"), progress=False)
+    summary = t.train()
+    out = tmp_path / "seen"
+    lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1] and all(set(r) == {"train_loss", "train_lr", "train_wd", "epoch"}
+                                                         for r in lines)
+    per_step = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    epoch0 = [r for r in per_step if r.get("epoch") == 0 and "event" not in r]
+    assert lines[0]["train_loss"] == pytest.approx(np.mean([r["loss"] for r in epoch0]), rel=1e-6)
+    assert lines[0]["train_lr"] == pytest.approx(np.mean(t.dino.schedules.lr[:4]))
+    assert lines[1]["train_wd"] == pytest.approx(np.mean(t.dino.schedules.weight_decay[4:8]))
+    sheet = np.asarray(Image.open(summary["buffer_png"]))
+    assert Path(summary["buffer_png"]) == out / "buffer.png" and sheet.shape[0] > 64 and sheet.std() > 10
+    assert Image.open(summary["curves_png"]).size[0] > 400
+    text = format_summary({"preset": "cpu", "device": "cpu", **summary})
+    assert "loss " in text and "buffer 2 images" in text and "buffer.png" in text and "log.txt" in text
+
+
 def test_checkpoint_keys_are_unchanged_and_one_saved_before_the_threshold_mode_rename_resumes(data_root, tmp_path):
     """The checkpoint layout stays as it was (top level, ring, detector), and a checkpoint whose stored
     config still says ``threshold`` (the mode's earlier name) resumes, and is checked, under the new name."""
