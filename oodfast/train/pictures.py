@@ -113,6 +113,8 @@ def run_pictures(out: Path, records: list[dict[str, Any]], ring: RareRing | None
     """Draw ``curves.png`` (and ``buffer.png`` with a ring) into ``out``; returns their paths and the
     collapse warning. A drawing that fails is logged, never fatal: the run is done and saved."""
     result: dict[str, Any] = {"collapse_warning": collapse_warning(records)}
+    if result["collapse_warning"]:
+        log.warning("%s", result["collapse_warning"])
     try:
         result["curves_png"] = str(draw_curves(records, out / "curves.png"))
         if ring is not None:

@@ -237,17 +237,10 @@ class Trainer:
                    "last": self.monitor.last, "seconds": round(self.monitor.seconds, 1),
                    "compile_seconds": round(self.compile_seconds, 1), "checkpoint": str(self.out / "checkpoint.pth"),
                    "log": str(self.monitor.path), "log_txt": str(self.monitor.dino_log)}
-        if self.rank == 0:
-            summary.update(self.pictures())
+        if self.rank == 0:  # buffer.png, curves.png and the collapse warning
+            summary.update(run_pictures(self.out, read_log(self.monitor.path), self.ring, mean=self.crops.mean,
+                                        std=self.crops.std, images=self.files.images, masks=self.files.masks))
         return summary
-
-    def pictures(self) -> dict[str, Any]:
-        """``buffer.png`` and ``curves.png`` in ``output_dir``, and the collapse warning (rank 0)."""
-        result = run_pictures(self.out, read_log(self.monitor.path), self.ring, mean=self.crops.mean,
-                              std=self.crops.std, images=self.files.images, masks=self.files.masks)
-        if result["collapse_warning"]:
-            log.warning("%s", result["collapse_warning"])
-        return result
 
     def _epoch(self, epoch: int, stop: StopSignals, total: int) -> None:
         """The steps of ``epoch`` not done yet (all of them unless resuming inside it), up to ``total``."""
