@@ -85,10 +85,10 @@ def load_encoder(
             prefixes stripped); or (b) a plain backbone state dict, e.g. DINO's released
             ``dino_resnet50_pretrain.pth`` (a torchvision ``fc`` is ignored). Loading is
             ``weights_only`` (no code runs).
-        arch: torchvision backbone name (:func:`build_backbone`).
+        arch: a backbone name of :func:`build_backbone` (a torchvision ResNet or DINO's ViTs).
         device: where the module goes.
         checkpoint_key: which network of a training checkpoint (``teacher`` or ``student``).
-        patch_size: a ViT's patch size.
+        patch_size: a ViT's patch size (8 or 16; DINO's ``--patch_size``).
 
     Raises:
         ValueError (``CheckpointError`` for unreadable files): a missing file, an unknown arch, a
@@ -108,7 +108,9 @@ def load_encoder(
     model, _ = build_backbone(arch, patch_size=patch_size)
     ckpt = load_torch_file(path)
     weights = backbone_weights(network_state(ckpt, checkpoint_key, path), path)
-    load_weights(model, weights, path, arch, trained=checkpoint_args(ckpt).get("arch") if isinstance(ckpt, Mapping) else None)
+    args = checkpoint_args(ckpt) if isinstance(ckpt, Mapping) else {}
+    load_weights(model, weights, path, arch, trained=args.get("arch"),
+                 trained_patch_size=args.get("patch_size") if is_vit(str(args.get("arch"))) else None)
     return _frozen(model, device)
 
 
@@ -121,12 +123,12 @@ def backbone_weights(state: Mapping[str, torch.Tensor], path: str | os.PathLike[
 
 
 def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], path: str | os.PathLike[str], arch: str,
-                 *, trained: str | None = None) -> None:
+                 *, trained: str | None = None, trained_patch_size: int | None = None) -> None:
     """``model.load_state_dict(weights, strict=True)``, ignoring a classifier (``fc.*`` / ``head.*``).
 
     Raises:
-        ValueError: naming the missing, unexpected and mis-shaped keys, and the arch the checkpoint
-            says it was trained with (``trained``).
+        ValueError: naming the missing, unexpected and mis-shaped keys, and the arch (and a ViT's
+            patch size) the checkpoint says it was trained with (``trained``, ``trained_patch_size``).
     """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
@@ -142,8 +144,11 @@ def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], path: st
             parts.append("mis-shaped: " + ", ".join(
                 f"{k} {tuple(weights[k].shape)} vs {tuple(expected[k].shape)}" for k in shapes[:5]))
         hint = f" (the checkpoint says arch {trained!r})" if trained else " (its args['arch'])"
+        if trained_patch_size is not None:
+            hint = f" (the checkpoint says arch {trained!r}, patch_size {trained_patch_size})"
         raise ValueError(f"weights in {path} do not fit arch {arch!r}: " + "; ".join(parts) +
-                         f". Pass the arch the checkpoint was trained with{hint}")
+                         f". Pass the arch{' and patch size' if trained_patch_size is not None else ''} the "
+                         f"checkpoint was trained with{hint}")
     model.load_state_dict({k: weights[k] for k in expected}, strict=True)
 
 

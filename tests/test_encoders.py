@@ -63,3 +63,45 @@ def test_load_encoder_clear_errors(tmp_path) -> None:  # noqa: ANN001
         load_encoder("random", "resnet7", "cpu")
     with pytest.raises(ValueError, match="no 'ema'"):
         load_encoder(path, "resnet18", "cpu", checkpoint_key="ema")
+
+
+def dino_vit_checkpoint(path, arch: str = "vit_tiny", patch_size: int = 16):  # noqa: ANN001, ANN201
+    """A checkpoint as facebookresearch/dino's main_dino.py writes it: ``args`` an argparse.Namespace, the
+    DDP-wrapped student's keys ``module.backbone.*`` / ``module.head.*``, the teacher's ``backbone.*``
+    (DINO wraps a ViT teacher without DDP). Student and teacher hold different weights."""
+    import argparse
+
+    nets = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        nets.append(build_backbone(arch, patch_size=patch_size)[0])
+    student, teacher = nets
+    head = {"head.last_layer.weight_g": torch.ones(8, 1), "head.mlp.0.weight": torch.zeros(4, student.embed_dim)}
+    torch.save({
+        "student": {f"module.{k}": v for k, v in ({f"backbone.{k}": v for k, v in student.state_dict().items()}
+                                                  | head).items()},
+        "teacher": {f"backbone.{k}": v for k, v in teacher.state_dict().items()} | head,
+        "optimizer": {}, "epoch": 3, "dino_loss": {"center": torch.zeros(1, 8)},
+        "args": argparse.Namespace(arch=arch, patch_size=patch_size, out_dim=8, lr=5e-4),
+    }, path)
+    return path, student, teacher
+
+
+def test_load_encoder_dino_vit_checkpoint(tmp_path) -> None:  # noqa: ANN001
+    path, student, teacher = dino_vit_checkpoint(tmp_path / "checkpoint.pth")
+    enc = load_encoder(path, "vit_tiny", "cpu")  # DINO's default --checkpoint_key teacher
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(enc.state_dict()[k], v), k
+    enc_s = load_encoder(path, "vit_tiny", "cpu", checkpoint_key="student")  # module. prefix stripped
+    for k, v in student.state_dict().items():
+        assert torch.equal(enc_s.state_dict()[k], v), k
+    assert not enc_s.training and not any(p.requires_grad for p in enc_s.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    feats = enc_s(x)
+    assert feats.shape == (2, 192)
+    torch.testing.assert_close(feats, student.eval()(x))  # the [CLS] embedding of the trained student
+    assert not torch.allclose(feats, enc(x))
+    with pytest.raises(ValueError, match=r"patch_embed\.proj\.weight .*the checkpoint says arch 'vit_tiny', patch_size 16"):
+        load_encoder(path, "vit_tiny", "cpu", patch_size=8)
+    with pytest.raises(ValueError, match="mis-shaped: .*the checkpoint says arch 'vit_tiny'"):
+        load_encoder(path, "vit_small", "cpu")

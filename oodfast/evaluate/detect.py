@@ -36,6 +36,7 @@ from oodfast.data.crops import DEFAULT_RARE_TAU, rare_shares
 from oodfast.data.discover import DatasetFiles
 from oodfast.data.multicrop import MultiCropConfig, multicrop_loader
 from oodfast.detect import DetectorConfig, RareDetector
+from oodfast.evaluate.features import check_patch_multiple
 from oodfast.evaluate.metrics import (
     auroc,
     average_precision,
@@ -131,7 +132,12 @@ def _scores(name: str, calib: torch.Tensor, feats: torch.Tensor, percentile: flo
 
 def evaluate_detection(encoder: nn.Module, calib_files: DatasetFiles, eval_files: DatasetFiles,
                        config: DetectEvalConfig, *, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Run the detection grid and return the report dict (rows, curves, dataset facts)."""
+    """Run the detection grid and return the report dict (rows, curves, dataset facts).
+
+    ``encoder`` maps [B, 3, crop_size, crop_size] to features [B, D] (or a map [B, D, h, w], pooled);
+    for a ViT (its [CLS] embedding) ``config.crop_size`` must be a multiple of its patch size.
+    """
+    check_patch_multiple(encoder, config.crop_size, "crop_size")
     device = torch.device(device)
     encoder = encoder.eval().to(device)
     max_calib = max(config.calib_sizes)

@@ -27,7 +27,7 @@ from oodfast.evaluate.labels import crop_labels, read_mask
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EVAL_CROP_SCALE", "extract_features"]
+__all__ = ["EVAL_CROP_SCALE", "check_patch_multiple", "extract_features"]
 
 #: Default crop scale of the evaluation crops: DINO's local (0.05-0.4) and global (0.4-1.0) ranges
 #: together, so crops range from object-sized (a pole, a person) to whole-scene context.
@@ -89,6 +89,16 @@ def _check_split(files: DatasetFiles, *, crops_per_image: int, size: int, batch_
         raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
 
 
+def check_patch_multiple(encoder: nn.Module, size: int, what: str = "size") -> None:
+    """ValueError (naming ``what``) when a ViT encoder (one with ``patch_embed.patch_size``) gets crops of
+    ``size`` pixels that are not a whole number of patches; other encoders take any size."""
+    patch = getattr(getattr(encoder, "patch_embed", None), "patch_size", None)
+    if isinstance(patch, int) and size % patch:
+        lower, upper = max(patch, size // patch * patch), (size // patch + 1) * patch
+        raise ValueError(f"{what} {size} is not a multiple of the ViT's patch size {patch}; use a crop size that is "
+                         f"(e.g. {lower} or {upper})")
+
+
 class _EncoderBatches:
     """uint8 crops arriving image by image -> ImageNet-normalised encoder calls of ``batch_size`` crops.
 
@@ -147,11 +157,12 @@ def extract_features(
     whatever the batch size, device or worker count. Images are decoded in a thread pool.
 
     Args:
-        encoder: maps [B, 3, size, size] float32 to [B, D]; run in eval mode without gradients
-            (its training flag is restored afterwards).
+        encoder: maps [B, 3, size, size] float32 to [B, D] (a ResNet's pooled features, a ViT's
+            [CLS] embedding); run in eval mode without gradients (its training flag is restored
+            afterwards).
         files: a split with masks (``discover(..., require_masks=True)``).
         crops_per_image: crops per image (>= 1).
-        size: side of the square crops in pixels.
+        size: side of the square crops in pixels (for a ViT, a multiple of its patch size).
         scale: RandomResizedCrop area range as a share of the image.
         seed: crop seed.
         device: where the crops go; the encoder must already be there
@@ -167,9 +178,11 @@ def extract_features(
             [N, 4] (x0, y0, x1, y1) in source pixels.
 
     Raises:
-        ValueError: no masks, no images, or a bad argument (named).
+        ValueError: no masks, no images, a ``size`` that is not a whole number of a ViT's patches,
+            or a bad argument (named).
     """
     _check_split(files, crops_per_image=crops_per_image, size=size, batch_size=batch_size, scale=scale)
+    check_patch_multiple(encoder, size)
     rare = tuple(int(i) for i in rare_ids)
     workers = max(1, num_workers if num_workers is not None else min(8, os.cpu_count() or 1))
 

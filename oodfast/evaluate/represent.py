@@ -12,13 +12,14 @@ module measures it on any BDD10K-layout dataset with segmentation masks (synthdr
    (most frequent train ID in the box, ignore pixels excluded) and rare presence (rare-class pixel
    share >= tau, the same ground truth as ``oodfast evaluate detect``).
 3. Frozen features (:func:`oodfast.evaluate.features.extract_features`): the encoder in eval mode
-   under ``torch.inference_mode``.
+   under ``torch.inference_mode``: a ResNet's pooled features, a ViT's [CLS] embedding (the
+   backbone output ``eval_knn.py`` uses).
 4. Probes (:mod:`oodfast.evaluate.probes`): DINO's weighted kNN (:func:`knn_votes` /
-   :func:`knn_classify`, k = 20, T = 0.07, as ``eval_knn.py``) and a linear probe
-   (:func:`linear_probe_logits`) trained on standardised train-split features, evaluated on the
-   test split, for both tasks. The dominant-class probe is plain cross-entropy (DINO's linear
-   evaluation); the rare-presence probe is class-balanced, since at a prevalence near 12% an
-   unweighted probe answers "absent" everywhere.
+   :func:`knn_classify`, T = 0.07, k = 20 or each k of ``nb_knn``, as ``eval_knn.py --nb_knn``) and
+   a linear probe (:func:`linear_probe_logits`) trained on standardised train-split features,
+   evaluated on the test split, for both tasks. The dominant-class probe is plain cross-entropy
+   (DINO's linear evaluation); the rare-presence probe is class-balanced, since at a prevalence
+   near 12% an unweighted probe answers "absent" everywhere.
 5. Accuracy overall and for head / middle / tail classes by pixel frequency
    (:func:`oodfast.evaluate.bands.frequency_bands`,
    :func:`oodfast.evaluate.probe_metrics.per_band_accuracy`); for rare presence accuracy, balanced
@@ -117,13 +118,14 @@ def _tasks(train_y: Mapping[str, np.ndarray],
 
 def _probe_task(
     task: str, x_tr: torch.Tensor, y_tr: np.ndarray, x_te: torch.Tensor, y_te: np.ndarray, n_classes: int,
-    bands: Mapping[int, str], *, seeds: Sequence[int], k: int, T: float, probe: Mapping[str, Any],
-    confidence: float, device: str | torch.device, say: Callable[[str], None],
+    bands: Mapping[int, str], *, seeds: Sequence[int], ks: Sequence[int], primary: int, T: float,
+    probe: Mapping[str, Any], confidence: float, device: str | torch.device, say: Callable[[str], None],
 ) -> dict[str, Any]:
     """One task's kNN and linear-probe metrics (the ``dominant`` / ``rare_present`` entry of the report).
 
     Args:
         x_tr, x_te: features [N, D] / [M, D] of the task's train and test rows; y_tr, y_te: targets [N] / [M].
+        ks: the kNN's k values (each capped at N); primary: the one whose metrics fill ``knn``.
         probe: :func:`linear_probe_logits` keywords (epochs, lr, weight_decay, batch_size, device).
     """
     if len(y_tr) == 0 or len(y_te) == 0:
@@ -137,17 +139,33 @@ def _probe_task(
             return per_band_accuracy(pred, y_te, bands)
         return binary_accuracy(pred, y_te, scores=out[:, 1] - out[:, 0])
 
-    k_used = min(k, len(y_tr))
-    if k_used < k:
-        log.warning("task %s: only %d train crops, kNN uses k=%d instead of %d", task, len(y_tr), k_used, k)
-    say(f"{task}: kNN (k={k_used}, T={T}) and linear probe x {len(seeds)} seeds")
-    knn = knn_votes(x_tr, y_tr, x_te, k=k_used, T=T, num_classes=n_classes, device=device)
+    used = {k: min(k, len(y_tr)) for k in ks}
+    for k, k_used in used.items():
+        if k_used < k:
+            log.warning("task %s: only %d train crops, kNN uses k=%d instead of %d", task, len(y_tr), k_used, k)
+    distinct = sorted(set(used.values()))
+    say(f"{task}: kNN (k={','.join(map(str, distinct))}, T={T}) and linear probe x {len(seeds)} seeds")
+    # One kNN per distinct k actually used (several requested k may cap to the same one), as eval_knn.py.
+    at = {k: score(knn_votes(x_tr, y_tr, x_te, k=k, T=T, num_classes=n_classes, device=device)) for k in distinct}
+    by_k = {str(k): at[used[k]] for k in ks}
     weighting = None if task == "dominant" else "balanced"
     runs = [score(linear_probe_logits(x_tr, y_tr, x_te, seed=int(s), num_classes=n_classes,  # type: ignore[arg-type]
                                       class_weight=weighting, **probe))
             for s in seeds]
-    return {"knn": score(knn), "knn_k": k_used, "linear": _summarise(runs, confidence),
+    return {"knn": by_k[str(primary)], "knn_k": used[primary], "knn_by_k": by_k,
+            "knn_k_used": {str(k): used[k] for k in ks}, "linear": _summarise(runs, confidence),
             "linear_class_weight": weighting}
+
+
+def _knn_ks(k: int, nb_knn: Sequence[int] | None) -> tuple[tuple[int, ...], int]:
+    """(the k values in the order given, duplicates dropped; the primary k). ValueError naming a bad one."""
+    ks = tuple(dict.fromkeys(int(v) for v in (nb_knn if nb_knn is not None else (k,))))
+    if not ks:
+        raise ValueError("nb_knn must name at least one k (DINO's default: 10 20 100 200)")
+    for v in ks + (int(k),):
+        if v < 1:
+            raise ValueError(f"each kNN k must be >= 1, got {v}")
+    return ks, (int(k) if int(k) in ks else ks[0])
 
 
 def evaluate_representation(
@@ -164,6 +182,7 @@ def evaluate_representation(
     tau: float = DEFAULT_RARE_TAU,
     class_share: Mapping[str, float] | Sequence[float] | np.ndarray | None = None,
     k: int = 20,
+    nb_knn: Sequence[int] | None = None,
     T: float = 0.07,
     probe_epochs: int = 100,
     probe_lr: float = 1e-2,
@@ -180,8 +199,9 @@ def evaluate_representation(
     Features of the train and test splits are extracted once (:func:`extract_features`, crop seed
     ``crop_seed``). Two tasks: ``dominant`` (19-way dominant class; crops whose pixels are all
     ignore are dropped) and ``rare_present`` (binary; the probe is class-balanced and AUROC is
-    reported beside the accuracies). For each task: DINO's weighted kNN (k, T;
-    deterministic: one value, no interval) and the linear probe once per seed in ``seeds``,
+    reported beside the accuracies). For each task: DINO's weighted kNN (temperature T, for each
+    k of ``nb_knn`` as ``eval_knn.py --nb_knn``, default just ``k``; deterministic: one value, no
+    interval) and the linear probe once per seed in ``seeds``,
     summarised as mean and a two-sided Student-t ``confidence`` interval over the seeds
     (:func:`mean_interval`, clipped to [0, 1]; None with a single seed). The interval covers the
     probe's optimisation randomness (initialisation, batch order) only, not the crop sampling or
@@ -198,12 +218,15 @@ def evaluate_representation(
         ``dominant``, :func:`binary_accuracy` for ``rare_present``) and ``linear`` (the same metric
         names flattened with dots, e.g. ``"tail.accuracy"``, each ``{mean, low, high, values, n}``;
         counts stay plain ints), with ``knn_k`` (the k used: min(k, train rows)) and
-        ``linear_class_weight`` (None or ``"balanced"``).
+        ``linear_class_weight`` (None or ``"balanced"``). ``knn`` is the result of ``k`` (of the
+        first of ``nb_knn`` when ``k`` is not among them); ``knn_by_k`` maps each requested k
+        (a string, as JSON keys are) to its metric dict and ``knn_k_used`` to the k used.
     """
     if not seeds:
         raise ValueError("seeds must name at least one linear-probe seed")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    ks, primary = _knn_ks(k, nb_knn)
     rare = tuple(sorted({int(i) for i in rare_ids}))
     say = progress or (lambda msg: log.info("%s", msg))
     common = dict(crops_per_image=crops_per_image, size=size, scale=scale, seed=crop_seed, device=device,
@@ -219,7 +242,7 @@ def evaluate_representation(
     results: dict[str, Any] = {
         "config": {"seeds": [int(s) for s in seeds], "crops_per_image": crops_per_image, "size": size,
                    "scale": list(scale), "crop_seed": crop_seed, "rare_classes": [CLASS_NAMES[i] for i in rare],
-                   "tau": tau, "k": k, "T": T, "probe_epochs": probe_epochs, "probe_lr": probe_lr,
+                   "tau": tau, "k": primary, "nb_knn": list(ks), "T": T, "probe_epochs": probe_epochs, "probe_lr": probe_lr,
                    "probe_weight_decay": probe_weight_decay, "probe_batch_size": probe_batch_size,
                    "confidence": confidence, "interval": "student-t over linear-probe seeds",
                    "probe_class_weight": {"dominant": None, "rare_present": "balanced"}},
@@ -237,7 +260,8 @@ def evaluate_representation(
     for task, (sel_tr, y_tr, sel_te, y_te, n_classes) in _tasks(train_y, test_y).items():
         x_tr, x_te = train_x[torch.from_numpy(sel_tr)], test_x[torch.from_numpy(sel_te)]
         results[task] = _probe_task(task, x_tr, y_tr[sel_tr], x_te, y_te[sel_te], n_classes, bands, seeds=seeds,
-                                    k=k, T=T, probe=probe, confidence=confidence, device=device, say=say)
+                                    ks=ks, primary=primary, T=T, probe=probe, confidence=confidence,
+                                    device=device, say=say)
     return results
 
 
@@ -261,15 +285,25 @@ def representation_markdown(report: dict[str, Any], title: str = "Representation
         if task not in report:
             continue
         res = report[task]
+        # one kNN column per distinct k used (older reports: the single ``knn`` entry)
+        used = res.get("knn_k_used") or {str(res["knn_k"]): res["knn_k"]}
+        columns: dict[int, Mapping[str, Any]] = {}
+        for requested, k_used in used.items():
+            columns.setdefault(k_used, res.get("knn_by_k", {}).get(requested, res["knn"]))
         rows = []
         for key, value in sorted(res["linear"].items()):
-            group, _, metric = key.partition(".")
-            knn_value = res["knn"].get(group, {}).get(metric) if isinstance(res["knn"].get(group), dict) \
-                else res["knn"].get(key, res["knn"].get(metric))
-            rows.append((key, fmt(knn_value), fmt(value)))
+            rows.append((key, *(fmt(_metric(knn, key)) for knn in columns.values()), fmt(value)))
         if res.get("linear_class_weight"):
             text += f"\n## {task}\n\nLinear probe trained with {res['linear_class_weight']} class weights.\n\n"
         else:
             text += f"\n## {task}\n\n"
-        text += markdown_table(["metric", f"kNN (k={res['knn_k']})", "linear probe"], rows)
+        text += markdown_table(["metric", *(f"kNN (k={k})" for k in columns), "linear probe"], rows)
     return text
+
+
+def _metric(knn: Mapping[str, Any], key: str) -> Any:
+    """A flattened metric name (``"tail.accuracy"``, ``"auroc"``) looked up in a kNN metric dict."""
+    group, _, metric = key.partition(".")
+    if isinstance(knn.get(group), Mapping):
+        return knn[group].get(metric)
+    return knn.get(key, knn.get(metric))

@@ -80,3 +80,36 @@ def test_evaluate_representation_end_to_end(tiny_synthdrive) -> None:  # noqa: A
         evaluate_representation(enc, train, test, seeds=())
     with pytest.raises(ValueError, match="unknown class name 'roads'"):
         evaluate_representation(enc, train, test, class_share={"roads": 1.0})
+
+
+def test_evaluate_representation_several_k(tiny_synthdrive) -> None:  # noqa: ANN001
+    """``nb_knn``: DINO's weighted kNN for each k (capped at the train rows), against knn_classify on the
+    same features; ``knn`` / ``config['k']`` are the first k when the default k=20 is not listed."""
+    from oodfast.evaluate.probes import knn_classify
+
+    train, test = tiny_synthdrive
+    enc = load_encoder("random", "resnet18", "cpu")
+    opts = dict(crops_per_image=2, size=32, num_workers=1)
+    res = evaluate_representation(enc, train, test, seeds=(0,), probe_epochs=2, nb_knn=(3, 7, 3, 100000), T=0.1,
+                                  **opts)
+    n_train = res["n_train"]
+    assert res["config"]["nb_knn"] == [3, 7, 100000] and res["config"]["k"] == 3 and res["config"]["T"] == 0.1
+    dom = res["dominant"]
+    assert set(dom["knn_by_k"]) == {"3", "7", "100000"}
+    assert dom["knn"] == dom["knn_by_k"]["3"] and dom["knn_k"] == 3
+    assert dom["knn_k_used"]["100000"] <= n_train and dom["knn_k_used"]["7"] == 7
+    x_tr, y_tr = extract_features(enc, train, **opts)
+    x_te, y_te = extract_features(enc, test, **opts)
+    keep_tr, keep_te = y_tr["dominant"] >= 0, y_te["dominant"] >= 0
+    for k in (3, 7):
+        pred = knn_classify(x_tr[torch.from_numpy(keep_tr)], y_tr["dominant"][keep_tr], x_te[torch.from_numpy(keep_te)],
+                            k=k, T=0.1, num_classes=len(CLASS_NAMES))
+        expected = float(np.mean(pred == y_te["dominant"][keep_te]))
+        assert dom["knn_by_k"][str(k)]["overall"]["accuracy"] == pytest.approx(expected), k
+    assert set(res["rare_present"]["knn_by_k"]) == {"3", "7", "100000"}
+    from oodfast.evaluate.represent import representation_markdown
+
+    text = representation_markdown(res)
+    assert "kNN (k=3)" in text and "kNN (k=7)" in text and f"kNN (k={dom['knn_k_used']['100000']})" in text
+    with pytest.raises(ValueError, match="k must be >= 1, got 0"):
+        evaluate_representation(enc, train, test, nb_knn=(5, 0))
