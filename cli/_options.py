@@ -90,3 +90,54 @@ def csv_of(cast: type, *, low: float | None = None, high: float | None = None, l
             raise click.BadParameter(f"{value!r} names no value")
         return items
     return parse
+
+
+class BoolFlag(click.ParamType):
+    """facebookresearch/dino's ``utils.bool_flag``: ``true``/``false``, ``on``/``off``, ``1``/``0`` (any
+    case). Options of this type also take no value (``--use_fp16`` alone means true)."""
+
+    name = "true|false"
+    TRUE, FALSE = ("on", "true", "1"), ("off", "false", "0")
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in self.TRUE:
+            return True
+        if text in self.FALSE:
+            return False
+        self.fail(f"{value!r} is not a boolean: use true/false, on/off or 1/0", param, ctx)
+
+
+BOOL_FLAG = BoolFlag()
+
+
+def spellings(*flags: str) -> list[str]:
+    """Each hyphenated ``--flag-name`` with its underscore spelling ``--flag_name`` after it (DINO's
+    style), so both are accepted; ``--flag`` spellings without a hyphen stay as they are."""
+    out: list[str] = []
+    for flag in flags:
+        out.append(flag)
+        if flag.startswith("--") and "-" in flag[2:]:
+            out.append("--" + flag[2:].replace("-", "_"))
+    return out
+
+
+class SpellingCommand(click.Command):
+    """A command that remembers its raw arguments (``ctx.meta["argv"]``), so an error can name an option
+    by the spelling the user typed (:func:`typed_flag`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["argv"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+def typed_flag(ctx: click.Context | None, opts: list[str]) -> str:
+    """The spelling among ``opts`` (one option's names) that the command line used, else the first."""
+    argv = ctx.meta.get("argv", []) if ctx is not None else []
+    for token in argv:
+        for opt in opts:
+            if token == opt or token.startswith(opt + "="):
+                return opt
+    return opts[0]

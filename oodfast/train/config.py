@@ -4,6 +4,11 @@
 the linear scaling rule, cosine schedules, buffer 32, 100 epochs) for a GPU; ``TrainConfig.cpu()`` a
 small run that finishes in minutes on two CPU cores (resnet18, 64/32 px crops), so the whole pipeline
 can be exercised anywhere. ``preset_for(device)`` picks one.
+
+Every training argument of facebookresearch/dino's ``main_dino.py`` that changes what is trained is a
+field of the same name (``optimizer``, ``patch_size``, ``drop_path_rate``, ``use_bn_in_head``, ...);
+DINO's ``--use_fp16`` is ``bf16`` (mixed precision: bf16 where the GPU has it, else fp16 with a loss
+scaler; see :func:`oodfast.train.dino.choose_precision`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,16 @@ AUG_BACKENDS = ("dali", "paper", "torch")
 #: Earlier spellings still accepted, mapped to their name in AUG_BACKENDS.
 AUG_ALIASES = {"reference": "paper"}
 METRICS = ("euclidean", "cosine", "mahalanobis", "knn")
+#: DINO's ``--optimizer`` choices (adamw for ViTs; sgd and lars for convnets and large batches).
+OPTIMIZERS = ("adamw", "sgd", "lars")
+#: Multi-crop recipes: DINO's (``MultiCropConfig.dino``) or the paper's BDD10K one (``MultiCropConfig.bdd10k``).
+CROP_RECIPES = ("dino", "paper")
+#: Each recipe's default crop scales, used where ``global_crops_scale`` / ``local_crops_scale`` are not given.
+CROP_SCALES = {"dino": ((0.4, 1.0), (0.05, 0.4)), "paper": ((0.3, 1.0), (0.1, 0.3))}
+#: DINO's ViTs (oodfast.vit.VIT_ARCHS; named here so that this module stays free of torch) and the
+#: patch sizes of DINO's released ViTs.
+VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")
+PATCH_SIZES = (8, 16)
 
 
 class ConfigError(ValueError):
@@ -98,6 +113,8 @@ FIELD_RANGES: dict[str, Range] = {
     "epoch_length": Range(int, 1, optional=True),
     "num_workers": Range(int, 0, optional=True),
     "out_dim": Range(int, 1),
+    "patch_size": Range(int, 1),
+    "drop_path_rate": Range(float, 0, 1, high_open=True),
     "global_size": Range(int, 8),
     "local_size": Range(int, 8),
     "local_crops_number": Range(int, 0),
@@ -140,10 +157,16 @@ class TrainConfig:
     Data: ``data`` (synthetic | bdd100k | bdd10k | folder), ``data_root``, ``split``, ``aug``
     (dali | paper | torch; ``reference`` is accepted for ``paper``), ``epoch_length`` (images per epoch, default the dataset size).
 
-    Model (DINO): ``arch``, ``out_dim``, ``norm_last_layer``; crops: ``global_size``, ``local_size``,
-    ``global_crops_scale``, ``local_crops_scale``, ``local_crops_number``.
+    Model (DINO): ``arch`` (a torchvision ResNet-family name or DINO's ``vit_tiny|vit_small|vit_base``;
+    DINO's ``deit_*`` spellings are read as ``vit_*``), ``patch_size`` (ViTs: 8 or 16),
+    ``drop_path_rate`` (ViTs: the student's stochastic depth; the teacher has none, as in DINO),
+    ``out_dim``, ``norm_last_layer``, ``use_bn_in_head``; ``pretrained_weights`` / ``checkpoint_key``:
+    start student and teacher from released weights (DINO's loading rule; not a resume).
+    Crops: ``crops`` (dino | paper: the recipe, :data:`CROP_RECIPES`), ``global_size``, ``local_size``
+    (multiples of a ViT's patch), ``global_crops_scale``, ``local_crops_scale`` (default: the recipe's,
+    :data:`CROP_SCALES`), ``local_crops_number``.
 
-    Optimisation (DINO): ``batch_size_per_gpu``, ``epochs``, ``lr`` (scaled by batch / 256),
+    Optimisation (DINO): ``optimizer`` (adamw | sgd | lars), ``batch_size_per_gpu``, ``epochs``, ``lr`` (scaled by batch / 256),
     ``min_lr``, ``warmup_epochs``, ``weight_decay`` -> ``weight_decay_end``, ``momentum_teacher``,
     ``teacher_temp`` / ``warmup_teacher_temp`` / ``warmup_teacher_temp_epochs``, ``clip_grad``,
     ``freeze_last_layer``.
@@ -158,7 +181,9 @@ class TrainConfig:
     ``threshold_mode`` (fixed | online: the threshold then adapts to hold the calibrated flag rate;
     CLI ``--threshold``).
 
-    Runtime: ``compile`` (torch.compile the step), ``bf16`` (autocast on CUDA), ``channels_last``,
+    Runtime: ``compile`` (torch.compile the step), ``bf16`` (mixed precision on CUDA, DINO's ``--use_fp16``:
+    bf16 autocast where the GPU supports it, fp16 autocast with a GradScaler where not; the CPU runs
+    fp32), ``channels_last``,
     ``seed``, ``deterministic``, ``output_dir``, ``saveckp_freq``, ``log_every``, ``tensorboard`` (also write
     the logged scalars to TensorBoard under ``output_dir/tb``; needs the ``tensorboard`` extra), ``max_steps``
     (stop early; for smoke tests), ``max_bad_steps`` (consecutive non-finite losses before stopping).
@@ -173,14 +198,21 @@ class TrainConfig:
     num_workers: int | None = None
     # model
     arch: str = "resnet50"
+    patch_size: int = 16
+    drop_path_rate: float = 0.1
     out_dim: int = 65536
     norm_last_layer: bool = True
+    use_bn_in_head: bool = False
+    pretrained_weights: str | None = None
+    checkpoint_key: str = "teacher"
+    crops: str = "dino"
     global_size: int = 224
     local_size: int = 96
-    global_crops_scale: tuple[float, float] = (0.4, 1.0)
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    global_crops_scale: tuple[float, float] | None = None  # None: the recipe's (CROP_SCALES)
+    local_crops_scale: tuple[float, float] | None = None
     local_crops_number: int = 6
     # optimisation
+    optimizer: str = "adamw"
     batch_size_per_gpu: int = 64
     epochs: int = 100
     lr: float = 5e-4
@@ -223,16 +255,22 @@ class TrainConfig:
         below): a bad value raises :class:`ConfigError` naming the field, never a NaN run."""
         if self.aug in AUG_ALIASES:
             object.__setattr__(self, "aug", AUG_ALIASES[self.aug])
+        if isinstance(self.arch, str) and self.arch.startswith("deit_"):  # DINO: "DeiT-S" is ViT-S
+            object.__setattr__(self, "arch", "vit_" + self.arch.removeprefix("deit_"))
         for name in FIELD_RANGES:
             check_field(name, getattr(self, name))
         choices = {"replay": REPLAY_MODES, "detector": DETECTOR_MODES, "threshold_mode": THRESHOLD_MODES,
-                   "aug": AUG_BACKENDS, "metric": METRICS}
+                   "aug": AUG_BACKENDS, "metric": METRICS, "optimizer": OPTIMIZERS, "crops": CROP_RECIPES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError("{%s} must be one of %s, got {value!r}" % (name, ", ".join(allowed)), (name,),
                                   value=getattr(self, name))
-        for name in ("global_crops_scale", "local_crops_scale"):
+        for name, default in zip(("global_crops_scale", "local_crops_scale"), CROP_SCALES[self.crops]):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
             scale = getattr(self, name)
+            if isinstance(scale, list):  # a stored config's form
+                object.__setattr__(self, name, scale := tuple(scale))
             if not (isinstance(scale, (tuple, list)) and len(scale) == 2
                     and all(_is_real(v) and math.isfinite(v) for v in scale) and 0 < scale[0] <= scale[1] <= 1):
                 raise ConfigError("{%s} must be (low, high) with 0 < low <= high <= 1, got {value!r}" % name,
@@ -242,9 +280,43 @@ class TrainConfig:
                 raise ConfigError("{%s} ({value}) must not exceed {epochs} ({epochs_value}); lower {%s} or raise "
                                   "{epochs}" % (name, name), (name, "epochs"), value=getattr(self, name),
                                   epochs_value=self.epochs)
+        self._check_vit()
+        if not isinstance(self.checkpoint_key, str) or not self.checkpoint_key:
+            raise ConfigError("{checkpoint_key} must name a checkpoint entry (teacher or student), got {value!r}",
+                              ("checkpoint_key",), value=self.checkpoint_key)
         if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir).strip():
             raise ConfigError("{output_dir} must be a folder path, got {value!r}", ("output_dir",),
                               value=self.output_dir)
+
+    def _check_vit(self) -> None:
+        """A ViT's patch size is 8 or 16 and both crop sizes are whole numbers of patches."""
+        if self.arch not in VIT_ARCHS:
+            return
+        if self.patch_size not in PATCH_SIZES:
+            raise ConfigError("{patch_size} must be 8 or 16 for {arch} (DINO's ViTs), got {value}",
+                              ("patch_size", "arch"), value=self.patch_size)
+        for name in ("global_size", "local_size"):
+            size, p = getattr(self, name), self.patch_size
+            if size % p:
+                low, high = max(p, size // p * p), (size // p + 1) * p
+                raise ConfigError("{%s} (%d) must be a multiple of {patch_size} (%d) for %s: use %s"
+                                  % (name, size, p, self.arch, f"{low} or {high}" if low != high else high),
+                                  (name, "patch_size"))
+
+    @property
+    def is_vit(self) -> bool:
+        return self.arch in VIT_ARCHS
+
+    def multicrop(self, dtype: str = "auto"):  # -> oodfast.data.multicrop.MultiCropConfig
+        """The :class:`~oodfast.data.multicrop.MultiCropConfig` of this run: the ``crops`` recipe
+        (DINO's, or the paper's BDD10K one: plain global crops) at this run's sizes, scales and number of
+        local crops; ``dtype`` is the crops' dtype name."""
+        from oodfast.data.multicrop.config import MultiCropConfig
+
+        recipe = MultiCropConfig.bdd10k if self.crops == "paper" else MultiCropConfig.dino
+        return recipe(global_size=self.global_size, local_size=self.local_size,
+                      global_scale=tuple(self.global_crops_scale), local_scale=tuple(self.local_crops_scale),
+                      local_crops_number=self.local_crops_number, dtype=dtype)
 
     @property
     def uses_ring(self) -> bool:

@@ -28,16 +28,16 @@ import torch
 
 from oodfast.buffer import RareRing
 from oodfast.data.discover import discover
-from oodfast.data.multicrop import MultiCropConfig, multicrop_loader
+from oodfast.data.multicrop import multicrop_loader
 from oodfast.detect import DetectorConfig
 from oodfast.replay import Replay
 from oodfast.train.checkpoint import (RESUMABLE_CHANGES, check_checkpoint_file, check_same_run, check_writable_dir,
                                       load_checkpoint, rng_state, save_checkpoint, set_rng_state, to_cpu)
 from oodfast.train.config import TrainConfig
-from oodfast.train.dino import DINO, build_networks
+from oodfast.train.dino import DINO, build_networks, precision_for
 from oodfast.train.monitor import StepLog, TrainingDiverged
 from oodfast.train.pictures import read_log, run_pictures
-from oodfast.train.runtime import Runtime, StopSignals, autocast, crop_dtype, resolve_device
+from oodfast.train.runtime import Runtime, StopSignals, crop_dtype, resolve_device
 
 __all__ = ["RESUMABLE_CHANGES", "StopSignals", "Trainer", "TrainingDiverged", "TrainingInterrupted", "check_same_run",
            "crop_dtype", "resolve_device"]
@@ -78,15 +78,13 @@ class Trainer:
             check_checkpoint_file(resume, "resume")
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.amp = autocast(self.device, cfg.bf16)
+        self.precision = precision_for(self.device, cfg.bf16)  # bf16, or fp16 with a loss scaler, or fp32
+        self.amp = self.precision.autocast()
 
         # ============ data ============
         self.files = discover(cfg.data, cfg.data_root, cfg.split, synthetic=cfg.synthetic_spec or None,
                               require_masks=cfg.replay == "oracle")
-        self.crops = MultiCropConfig.dino(
-            global_size=cfg.global_size, local_size=cfg.local_size, global_scale=tuple(cfg.global_crops_scale),
-            local_scale=tuple(cfg.local_crops_scale), local_crops_number=cfg.local_crops_number,
-            dtype=crop_dtype(self.device.type == "cuda", cfg.bf16))
+        self.crops = cfg.multicrop(dtype=self.precision.crop_dtype)  # the --crops recipe (DINO's or the paper's)
         self.B = cfg.batch_size_per_gpu
         self.loader = self._loader(self.files, cfg.seed, cfg.epoch_length, zero_copy=True)
         self.steps_per_epoch = len(self.loader)
@@ -113,7 +111,8 @@ class Trainer:
             self._staging = [torch.zeros(self.B, 3, s, s, dtype=dtype, device=self.device)
                              for s in [cfg.global_size] * 2 + [cfg.local_size] * cfg.local_crops_number]
         self.dino = DINO(cfg, student, teacher, views=self.views, replay=self.replay, world=self.world,
-                         steps_per_epoch=self.steps_per_epoch, batch_size=self.B, device=self.device, amp=self.amp)
+                         steps_per_epoch=self.steps_per_epoch, batch_size=self.B, device=self.device, amp=self.amp,
+                         precision=self.precision)
 
         self.step = 0
         self.compile_seconds = 0.0
