@@ -206,6 +206,7 @@ def train(data: str, data_root: Path | None, data_path: Path | None, synthetic_i
     from oodfast.report import markdown_table, write_report
     from oodfast.train.checkpoint import check_checkpoint_file, check_writable_dir
     from oodfast.train.config import PRESETS, preset_for
+    from oodfast.train.pictures import format_summary
     from oodfast.train.trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
     ctx = click.get_current_context()
@@ -261,4 +262,4 @@ def train(data: str, data_root: Path | None, data_path: Path | None, synthetic_i
     text = "# oodfast train\n\n" + markdown_table(["key", "value"], [(k, json.dumps(v) if isinstance(v, dict) else v)
                                                                    for k, v in summary.items()])
     write_report(summary, text, json_path=json_path, markdown_path=markdown_path)
-    click.echo(text)
+    click.echo(format_summary(summary))
