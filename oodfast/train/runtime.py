@@ -6,7 +6,6 @@
   needs outside the step: agreeing on a stop signal, a barrier, gathering per-rank state to rank 0.
 * :func:`broadcast_from_rank0_`: every rank starts from rank 0's weights (as DDP's constructor does).
 * :class:`StopSignals`: SIGTERM / SIGINT deferred until the step is done and checkpointed.
-* :func:`crop_dtype` and :func:`autocast`: the dtype the model computes in.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from torch import nn
 
 from oodfast.devices import NoGPUError, default_device, resolve_device
 
-__all__ = ["NoGPUError", "Runtime", "StopSignals", "autocast", "broadcast_from_rank0_", "crop_dtype", "default_device",
+__all__ = ["NoGPUError", "Runtime", "StopSignals", "broadcast_from_rank0_", "default_device",
            "init_distributed", "resolve_device"]
 
 
@@ -49,17 +48,6 @@ def broadcast_from_rank0_(module: nn.Module) -> None:
         return
     for t in [*module.parameters(), *module.buffers()]:
         dist.broadcast(t.data, src=0)
-
-
-def crop_dtype(on_cuda: bool, bf16: bool) -> str:
-    """The crops' dtype name: the dtype the first convolution computes in. bf16 under CUDA autocast,
-    else the parameters' fp32 (float16 crops into an fp32 model would make the first conv raise)."""
-    return "bfloat16" if on_cuda and bf16 else "float32"
-
-
-def autocast(device: torch.device, bf16: bool) -> Any:
-    """bf16 autocast on CUDA when ``bf16``, else a context that does nothing (fp32 on the CPU)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and bf16 else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)

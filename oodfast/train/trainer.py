@@ -37,10 +37,10 @@ from oodfast.train.config import TrainConfig
 from oodfast.train.dino import DINO, build_networks, precision_for
 from oodfast.train.monitor import StepLog, TrainingDiverged
 from oodfast.train.pictures import read_log, run_pictures
-from oodfast.train.runtime import Runtime, StopSignals, crop_dtype, resolve_device
+from oodfast.train.runtime import Runtime, StopSignals, resolve_device
 
 __all__ = ["RESUMABLE_CHANGES", "StopSignals", "Trainer", "TrainingDiverged", "TrainingInterrupted", "check_same_run",
-           "crop_dtype", "resolve_device"]
+           "resolve_device"]
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from oodfast.data.multicrop import MultiCropConfig
 from oodfast.train.grad_sync import GradientSync
-from oodfast.train.runtime import broadcast_from_rank0_, crop_dtype
+from oodfast.train.dino import Precision, choose_precision
+from oodfast.train.runtime import broadcast_from_rank0_
 
 
 def test_gradients_accumulate_into_views_of_one_buffer_with_their_parameters_strides():
@@ -49,7 +50,10 @@ def test_refuses_non_fp32_or_empty_parameter_lists():
 def test_crops_have_the_parameters_dtype_whenever_autocast_is_off():
     # on a GPU without bf16 autocast (the cpu preset on a GPU host) the crops were float16 while the model
     # is float32, and the first conv raised
-    on_gpu_without_autocast = MultiCropConfig.dino(dtype=crop_dtype(on_cuda=True, bf16=False))
+    def crop_dtype(device_type: str, mixed: bool) -> str:
+        return Precision(choose_precision(device_type, mixed, (9, 0)), device_type).crop_dtype
+
+    on_gpu_without_autocast = MultiCropConfig.dino(dtype=crop_dtype("cuda", False))
     assert on_gpu_without_autocast.torch_dtype(torch.device("cuda")) == torch.float32
-    assert MultiCropConfig.dino(dtype=crop_dtype(True, True)).torch_dtype(torch.device("cuda")) == torch.bfloat16
-    assert MultiCropConfig.dino(dtype=crop_dtype(False, True)).torch_dtype(torch.device("cpu")) == torch.float32
+    assert MultiCropConfig.dino(dtype=crop_dtype("cuda", True)).torch_dtype(torch.device("cuda")) == torch.bfloat16
+    assert MultiCropConfig.dino(dtype=crop_dtype("cpu", True)).torch_dtype(torch.device("cpu")) == torch.float32
