@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,9 @@ def contact_sheet(images: np.ndarray, captions: Sequence[str], path: str | os.Pa
                   title: str = "", columns: int = 8, min_cell: int = 128) -> Path:
     """Write ``images`` (uint8 [N, H, W, 3]) in a grid, each with its caption lines below it.
 
-    Small crops are scaled up (nearest) to at least ``min_cell`` pixels wide so they can be seen.
-    An empty ``images`` writes a sheet that says the buffer is empty.
+    Small crops are scaled up (nearest) to at least ``min_cell`` pixels wide so they can be seen;
+    captions are wrapped to the cell's width. An empty ``images`` writes a sheet that says the buffer
+    is empty.
     """
     path = Path(path)
     font = _font()
@@ -51,6 +53,9 @@ def contact_sheet(images: np.ndarray, captions: Sequence[str], path: str | os.Pa
     h, w = (images.shape[1], images.shape[2]) if n else (min_cell, min_cell)
     scale = max(1, math.ceil(min_cell / w))
     cw, ch = w * scale, h * scale
+    chars = max(8, cw // 6)  # the default font is about 6 px a character
+    captions = ["\n".join(part for line in c.split("\n") for part in (textwrap.wrap(line, chars) or [""]))
+                for c in captions]
     lines = max((c.count("\n") + 1 for c in captions), default=1)
     cols = max(1, min(columns, n))
     rows = max(1, math.ceil(n / cols))
