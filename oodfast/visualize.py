@@ -78,8 +78,13 @@ def contact_sheet(images: np.ndarray, captions: Sequence[str], path: str | os.Pa
     return path
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.3g}" if v == v else "nan"
+def _fmt(v: float, digits: int = 3) -> str:
+    return f"{v:.{digits}g}" if v == v else "nan"
+
+
+def _digits(lo: float, hi: float) -> int:
+    """Significant digits that tell ``lo`` from ``hi`` apart (3 at least, 8 at most)."""
+    return next((d for d in range(3, 9) if _fmt(lo, d) != _fmt(hi, d)), 8)
 
 
 def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], name: str,
@@ -100,8 +105,9 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], name: str,
     for k in range(1, 4):
         gy = y0 + (y1 - y0) * k / 4
         draw.line([(x0 + 1, gy), (x1 - 1, gy)], fill=_GRID)
-    draw.text((x1 + 4, y0), _fmt(hi), fill=_FG, font=font)
-    draw.text((x1 + 4, y1 - 10), _fmt(lo), fill=_FG, font=font)
+    digits = _digits(lo, hi)
+    draw.text((x1 + 4, y0), _fmt(hi, digits), fill=_FG, font=font)
+    draw.text((x1 + 4, y1 - 10), _fmt(lo, digits), fill=_FG, font=font)
     draw.text((x0, y1 + 3), _fmt(xa), fill=_FG, font=font)
     draw.text((x1 - 6 * len(_fmt(xb)), y1 + 3), _fmt(xb), fill=_FG, font=font)
     draw.text(((x0 + x1) // 2 - 12, y1 + 3), "step", fill=_FG, font=font)
@@ -133,7 +139,7 @@ def draw_curves(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
     path = Path(path)
     rows = [r for r in records if isinstance(r.get("step"), (int, float)) and "event" not in r and "loss" in r]
     font = _font()
-    pw, ph, mx, my = 420, 150, 16, 40
+    pw, ph, mx, my = 420, 150, 16, 40  # panel size, margins (the right margin holds the value labels)
     cols = 2
     nrows = math.ceil(len(keys) / cols)
     img = Image.new("RGB", (cols * (pw + 2 * mx + 40), 24 + nrows * (ph + my + 14)), _BG)
