@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodfast.encoders import backbone_names, build_backbone  # re-exported: the trainer's names for them
+from oodfast.encoders import backbone_names, build_backbone  # re-exported by oodfast.train
 
 __all__ = ["DINOHead", "MultiCropWrapper", "WeightNormLinear", "backbone_names", "build_backbone"]
 
