@@ -161,26 +161,48 @@ class RareDetector(nn.Module):
         """
         if features.dim() != 2 or features.shape[1] != self.dim:
             raise ValueError(f"features must have shape [n, {self.dim}], got {list(features.shape)}")
-        finite = torch.isfinite(features).all(1)
+        knn = self.config.metric == "knn"
+        x = self._usable(features, need=self.config.knn_k + 1 if knn else 2)
+        self._fit_statistics(x)
+        if knn:
+            # The calibration images are in the bank: each one's nearest neighbour is itself, so its
+            # score is the distance to its (k + 1)-th neighbour.
+            from oodfast.kernels.knn_score import knn_score
+
+            scores = knn_score(x, self.bank, self.config.knn_k + 1)
+        else:
+            scores = self._calibration_scores(x)
+        return self._set_threshold(scores)
+
+    def _usable(self, features: torch.Tensor, need: int) -> torch.Tensor:
+        """The calibration images of ``features`` ([n, D], or [V, n, D]: V rows per image) that can be
+        used, fp32 on the detector's device: an image with a non-finite value, or a row of norm > 1e18,
+        is dropped with a warning. Raises ValueError when fewer than ``need`` images are left."""
+        rows = features if features.dim() == 3 else features.unsqueeze(0)
+        finite = torch.isfinite(rows).all(-1).all(0)
         if not finite.all():
             log.warning("fit: dropping %d calibration embeddings with non-finite values", int((~finite).sum()))
-            features = features[finite]
-        huge = torch.linalg.vector_norm(features.double(), dim=1) > _MAX_NORM
+            rows = rows[:, finite]
+        norms = torch.linalg.vector_norm(rows.double(), dim=-1).amax(0) if rows.numel() else rows.new_zeros(0)
+        huge = norms > _MAX_NORM
         if huge.any():
             log.warning("fit: dropping %d calibration embeddings of norm > %.0e (their distances overflow fp32; "
-                        "largest %.3g): check the encoder", int(huge.sum()), _MAX_NORM,
-                        float(torch.linalg.vector_norm(features.double(), dim=1).max()))
-            features = features[~huge]
-        n = features.shape[0]
-        need = self.config.knn_k + 1 if self.config.metric == "knn" else 2
+                        "largest %.3g): check the encoder", int(huge.sum()), _MAX_NORM, float(norms.max()))
+            rows = rows[:, ~huge]
+        n = rows.shape[1]
         if n < need:
             raise ValueError(f"{self.config.metric} calibration needs at least {need} finite embeddings, got {n}"
                              + ("; lower knn_k or calibrate on more images" if self.config.metric == "knn" else ""))
+        x = rows.to(self.center.device, torch.float32)
+        return x if features.dim() == 3 else x[0]
+
+    def _fit_statistics(self, x: torch.Tensor) -> None:
+        """The metric's statistics from calibration rows ``x`` [N, D] fp32: the centre (euclidean,
+        cosine), the Ledoit-Wolf factors (mahalanobis) or the normalised bank (knn)."""
         dev = self.center.device
-        x = features.to(dev, torch.float32)
-        mean = x.double().mean(0)
         metric = self.config.metric
         if metric == "cosine":
+            mean = x.double().mean(0)
             self.center.copy_(mean / mean.norm().clamp_min(1e-12))
         elif metric == "mahalanobis":
             mu, alpha, proj, coef, shrink = ledoit_wolf(x)
@@ -195,25 +217,25 @@ class RareDetector(nn.Module):
                 dtype = "bfloat16" if x.device.type == "cuda" else "float32"
             self.bank = nn.functional.normalize(x.float(), dim=1).to(getattr(torch, dtype)).contiguous()
         else:
-            self.center.copy_(mean)
+            self.center.copy_(x.double().mean(0))
 
-        if metric == "knn":
-            # The calibration images are in the bank: each one's nearest neighbour is itself, so its
-            # score is the distance to its (k + 1)-th neighbour.
-            from oodfast.kernels.knn_score import knn_score
+    def _calibration_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Calibration scores [n] of ``x`` [n, D] or [V, n, D] (max over V) for euclidean / cosine
+        (in-sample) and mahalanobis (out-of-fold)."""
+        if self.config.metric == "mahalanobis":
+            return self._cross_fitted_mahalanobis(x)
+        return rare_score(x, self.center, self.proj, self.coef, self.alpha, self.metric_id)
 
-            scores = knn_score(x, self.bank, self.config.knn_k + 1)
-        elif metric == "mahalanobis":
-            scores = self._cross_fitted_mahalanobis(x)
-        else:
-            scores = rare_score(x, self.center, self.proj, self.coef, self.alpha, self.metric_id)
+    def _set_threshold(self, scores: torch.Tensor) -> torch.Tensor:
+        """Threshold at ``percentile`` of the calibration ``scores`` [n] (``torch.nanquantile``), the
+        inter-decile spread the online mode scales its steps by, and the fitted flag; returns ``scores``."""
         threshold = float(torch.nanquantile(scores, self.config.percentile))
         if not math.isfinite(threshold):
-            raise ValueError(f"{metric} calibration gave no finite score ({int(torch.isfinite(scores).sum())} of "
-                             f"{scores.numel()} finite): check the calibration embeddings (all zero? an encoder "
+            raise ValueError(f"{self.config.metric} calibration gave no finite score ({int(torch.isfinite(scores).sum())} "
+                             f"of {scores.numel()} finite): check the calibration embeddings (all zero? an encoder "
                              "that outputs constants?)")
         self.threshold.fill_(threshold)
-        q10, q90 = torch.nanquantile(scores, torch.tensor([0.1, 0.9], device=dev))
+        q10, q90 = torch.nanquantile(scores, torch.tensor([0.1, 0.9], device=scores.device))
         self.spread.fill_(float((q90 - q10).clamp_min(1e-6)))
         self.flag_rate.fill_(self.config.rate)
         self.fitted.fill_(True)
@@ -221,23 +243,25 @@ class RareDetector(nn.Module):
         return scores
 
     def _cross_fitted_mahalanobis(self, x: torch.Tensor, folds: int = 5) -> torch.Tensor:
-        """Out-of-fold calibration scores: each fold scored with statistics fitted without it.
+        """Out-of-fold calibration scores of ``x`` [n, D] (or [V, n, D]: V rows per image, the max
+        scored): each fold of images scored with statistics fitted without it.
 
         With fewer calibration images than dimensions (256 in 2048), the calibration set lies in the
         span of its own principal axes, where the shrinkage precision is smallest: in-sample scores
         are biased low, and a threshold set on them flags almost every new image. Scoring each fold
         with statistics from the other folds removes that bias (the final statistics use all images).
+        Folds split images, never the rows of one image.
         """
-        n = x.shape[0]
+        n, d = x.shape[-2:]
         folds = max(2, min(folds, n // 2))
         order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(x.device)
         scores = torch.empty(n, dtype=torch.float32, device=x.device)
         for part in order.tensor_split(folds):
             keep = torch.ones(n, dtype=torch.bool, device=x.device)
             keep[part] = False
-            mu, alpha, proj, coef, _ = ledoit_wolf(x[keep])
+            mu, alpha, proj, coef, _ = ledoit_wolf(x[..., keep, :].reshape(-1, d))
             f32 = dict(dtype=torch.float32, device=x.device)
-            scores[part] = rare_score(x[part].contiguous(), mu.to(**f32), proj.to(**f32).contiguous(),
+            scores[part] = rare_score(x[..., part, :].contiguous(), mu.to(**f32), proj.to(**f32).contiguous(),
                                       coef.to(**f32), alpha.to(**f32).reshape(()), self.metric_id)
         return scores
 

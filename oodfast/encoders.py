@@ -13,6 +13,10 @@ the trainer's frozen detector (``load_encoder(path, "resnet50", device)``) and t
 whose :func:`oodfast.compat.load_resnet50_trunk` is that same call with the DINO-weights hint added
 to its errors. Files are read by :mod:`oodfast.safeload` (DINO's loading rule: ``module.`` and
 ``backbone.`` prefixes stripped); nothing here imports from ``oodfast.train``.
+
+Dense features (:mod:`oodfast.dense`): :func:`feature_map` returns a backbone's map before pooling, a
+ResNet stage (``layer2|layer3|layer4``) as channels_last [B, D, h, w] or a ViT's patch tokens [B, N, D]
+(``tokens``); :func:`dense_dim` gives its D.
 """
 
 from __future__ import annotations
@@ -64,6 +68,67 @@ def build_backbone(arch: str = "resnet50", *, patch_size: int = 16, drop_path_ra
     embed_dim = model.fc.in_features
     model.fc = nn.Identity()
     return model, embed_dim
+
+
+#: The maps :func:`feature_map` returns: layer -> input pixels per position (a ViT's: its patch size).
+#: At 224 x 224 input, layer3 is 14 x 14 positions (the dense detector's default), layer4 7 x 7.
+DENSE_LAYERS: dict[str, int | None] = {"layer2": 8, "layer3": 16, "layer4": 32, "tokens": None}
+_RESNET_STEM = ("conv1", "bn1", "relu", "maxpool")
+_RESNET_FAMILIES = ("resnet", "resnext", "wide_resnet")  # torchvision models with layer1..layer4
+
+
+def _check_dense_layer(arch_or_model: str | nn.Module, layer: str) -> None:
+    vit = is_vit(arch_or_model) if isinstance(arch_or_model, str) else hasattr(arch_or_model, "forward_tokens")
+    if layer not in DENSE_LAYERS:
+        raise ValueError(f"unknown dense layer {layer!r}; choose one of: {', '.join(DENSE_LAYERS)}")
+    if vit and layer != "tokens":
+        raise ValueError(f"a ViT's dense features are its patch tokens: pass layer='tokens', not {layer!r}")
+    if not vit and layer == "tokens":
+        raise ValueError("layer='tokens' is for DINO's ViTs; a ResNet's dense layers are layer2, layer3, layer4")
+
+
+def dense_dim(arch: str, layer: str = "layer3") -> int:
+    """Channels D of :func:`feature_map`'s output for ``arch`` at ``layer``, e.g. resnet50 layer3: 1024,
+    resnet18 layer3: 256, vit_small tokens: 384 (the model is built on the meta device: no weights)."""
+    _check_dense_layer(arch, layer)
+    if is_vit(arch):
+        return VIT_ARCHS[arch][0]
+    if arch not in backbone_names():
+        raise ValueError(f"unknown backbone arch {arch!r}; choose one of: {', '.join(backbone_names())}")
+    if not arch.startswith(_RESNET_FAMILIES):
+        raise ValueError(f"{arch} has no stage {layer!r}: dense maps are for ResNet-style models "
+                         f"({', '.join(_RESNET_FAMILIES)}: layer2..layer4) and DINO's ViTs")
+    with torch.device("meta"):
+        model = torchvision.models.get_model(arch, weights=None)
+    return [m for m in getattr(model, layer).modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
+
+
+def feature_map(backbone: nn.Module, x: torch.Tensor, layer: str = "layer3") -> torch.Tensor:
+    """The dense features of ``backbone`` (from :func:`build_backbone` / :func:`load_encoder`) for
+    images ``x`` [B, 3, H, W], without pooling.
+
+    Returns:
+        ResNet (``layer2|layer3|layer4``): the stage's output [B, D, H/s, W/s] (s = DENSE_LAYERS[layer])
+        in channels_last memory, so :func:`oodfast.dense.position_view` views it without a copy. ViT
+        (``tokens``): the patch tokens of the last block after the final norm, [B, N, D] ([CLS]
+        dropped; a view, contiguous in D).
+
+    Raises:
+        ValueError: an unknown layer, a layer that does not fit the model, or a model with neither
+        ResNet stages nor ViT tokens.
+    """
+    _check_dense_layer(backbone, layer)
+    if hasattr(backbone, "forward_tokens"):
+        return backbone.forward_tokens(x)[:, 1:]
+    if not all(hasattr(backbone, n) for n in (*_RESNET_STEM, layer)):
+        raise ValueError(f"{type(backbone).__name__} has no ResNet stages (conv1 ... {layer}): feature_map "
+                         "takes build_backbone's ResNets and ViTs")
+    y = x.contiguous(memory_format=torch.channels_last)
+    for name in (*_RESNET_STEM, "layer1", "layer2", "layer3", "layer4"):
+        y = getattr(backbone, name)(y)
+        if name == layer:
+            break
+    return y.contiguous(memory_format=torch.channels_last)  # no copy when the convs kept channels_last
 
 
 def load_encoder(
