@@ -368,6 +368,38 @@ if pytest is not None and __name__ != "__main__":
                 defined.add(f"oodfast.kernels.{Path(path).stem}:{m.group(1)}")
         assert defined and defined <= {c.kernel for c in _CASES}, defined - {c.kernel for c in _CASES}
 
+    def test_dense_position_views_compile_as_swept_configurations():
+        """Dense scoring (oodfast.dense) passes a channels_last map's [P, B, D] view (strides (D, P*D, 1))
+        to rare_enqueue and its [B*P, D] rows to knn_score: no kernel change, and every launch those
+        shapes choose is a configuration compiled above. Their runtime strides specialise as the swept
+        ones do (Triton keys ints on == 1 and % 16: D and P*D are multiples of 16 for real widths)."""
+        import torch
+
+        from oodfast.kernels import knn_score as knn
+        from oodfast.kernels import rare_enqueue as m
+
+        def key(kernel, cfg):
+            return kernel, tuple(sorted(cfg.constexprs.items())), cfg.num_warps, cfg.num_stages
+
+        swept = {(c.kernel, c.constexprs, c.num_warps, c.num_stages) for c in _CASES}
+        # P positions x B images x D channels: 14x14 (layer3 / ViT-S/16 at 224), 7x7, 28x28; D of
+        # resnet18/50 layer2-4 and ViTs.
+        shapes = [(196, 32, 256), (196, 32, 1024), (49, 256, 2048), (784, 8, 512), (196, 1, 384)]
+        missing = set()
+        for dev in DEVICES:
+            for P, B, D in shapes:
+                for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                    for metric in (m.EUCLIDEAN, m.COSINE, m.MAHALANOBIS):
+                        for R in ((255, 1023) if metric == m.MAHALANOBIS else (0,)):
+                            for ring in (True, False):
+                                for cfg in m.launch_config(metric, ring, P, B, D, R, dtype, dev["sm_count"], "cuda"):
+                                    missing.add(key(f"oodfast.kernels.rare_enqueue:{cfg.kernel}", cfg))
+                    for bank in ((torch.float32, torch.bfloat16) if dtype == torch.float32 else (dtype,)):
+                        for cfg in knn.launch_config(B * P, D, 4096, 50, bank, dev["sm_count"]):
+                            missing.add(key(f"oodfast.kernels.knn_score:{cfg.kernel}", cfg))
+        missing -= swept
+        assert not missing, f"dense shapes launch configurations that are not compiled here: {sorted(missing)[:3]}"
+
     @pytest.mark.slow
     @pytest.mark.parametrize("case", _CASES, ids=[c.id for c in _CASES])
     def test_compiles_without_spills(case, compiled, record_property):

@@ -269,3 +269,21 @@ def test_an_unnormalised_bank_is_refused_not_scored_zero():
     bank[7] *= 2  # modified in place: checked again
     with pytest.raises(ValueError, match="row 7"):
         knn_score(x, bank, k=5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_channels_last_map_positions_score_as_rows_without_a_copy(backend):
+    """The dense detector's kNN input: a channels_last [B, D, h, w] map's positions as [B*h*w, D] rows,
+    a view of the map's memory (no .contiguous()), scored as brute force on the same rows."""
+    from oodfast.dense import position_view
+
+    gen = torch.Generator().manual_seed(5)
+    B, D, h, w, k = 3, 24, 5, 3, 4
+    fmap = torch.randn(B, D, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
+    bank = normalize_bank(torch.randn(70, D, generator=gen))
+    fmap_d, bank_d = on_device(fmap, bank)
+    rows = position_view(fmap_d).transpose(0, 1).reshape(B * h * w, D)
+    assert rows.data_ptr() == fmap_d.data_ptr() and rows._base is not None  # a view
+    got = knn_score(rows, bank_d, k, backend=backend).cpu()
+    expected = brute_force(fmap.permute(0, 2, 3, 1).reshape(-1, D), bank, k)
+    assert_scores_close(got, expected, atol=1e-5)

@@ -286,3 +286,46 @@ def test_grid_fills_an_h200_at_the_design_point():
         assert main.grid[1] > 1 and main.grid[0] * main.grid[1] >= 132, main
         assert main.constexprs["DOT_PRECISION"] in ("tf32x3", "ieee"), main
         assert len(cfgs) == (1 if has_ring else 2)  # rare_score adds the splits in one more launch
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine", "mahalanobis"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_channels_last_position_view_is_the_views_axis(metric, backend):
+    """A [B, D, h, w] channels_last map viewed as [h*w, B, D] (strides (D, h*w*D, 1), no copy) is
+    scored and enqueued as is: the max over positions equals the torch path on a contiguous copy,
+    and the flagged images and the ring equal the torch path's."""
+    from oodfast.dense import position_view
+    from oodfast.kernels.rare_enqueue import rare_enqueue_torch, rare_score_torch
+
+    gen = torch.Generator().manual_seed(11)
+    B, D, h, w = 5, 37, 3, 7  # 21 positions, D prime
+    stats = make_stats(metric, D, gen)
+    fmap = torch.randn(B, D, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
+    fmap[2, :, 1, 4] = -20.0 * stats["center"] / stats["center"].norm()  # one rare position in image 2
+    fmap = on_device_strided(fmap)
+    view = position_view(fmap)
+    assert view.data_ptr() == fmap.data_ptr() and view.stride() == (D, h * w * D, 1)
+    dense_stats = {k: v.to(DEVICE) for k, v in stats.items()}
+    args = [dense_stats[k] for k in ("center", "proj", "coef", "alpha")]
+    expected = rare_score_torch(view.contiguous().cpu(), *(a.cpu() for a in args), METRICS[metric])
+    got = rare_score(view, *args, METRICS[metric], backend=backend).cpu()
+    assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"{metric} {backend}")
+    assert int(got.argmax()) == 2
+
+    thr = threshold_flagging(expected, 2)
+    ids, step = torch.arange(B) + 40, torch.tensor(3)
+    ring = Ring(4)
+    scores, slots = call(view, stats, metric, thr, ids, 3, ring, backend)
+    ref = Ring(4)
+    ref_scores, ref_slots = torch.empty(B), torch.empty(B, dtype=torch.int32)
+    rare_enqueue_torch(view.contiguous().cpu(), *(stats[k] for k in ("center", "proj", "coef", "alpha")),
+                       torch.tensor(thr), ids, step, ref_scores, ref_slots, ref.ids, ref.scores, ref.steps,
+                       ref.state, ref.scratch, METRICS[metric])
+    assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5)
+    assert_equal(slots, ref_slots)
+    assert ring.fifo_ids() == ref.fifo_ids() and len(ring.fifo_ids()) == 2
+
+
+def on_device_strided(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` on DEVICE with ``t``'s strides."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=DEVICE).copy_(t)
