@@ -88,8 +88,9 @@ def _value(cell: Any) -> float | None:
 
 
 #: Report settings that must agree for arms to be comparable (the probe seeds may differ).
-_SHARED_CONFIG = ("crops_per_image", "size", "scale", "crop_seed", "rare_classes", "tau", "k", "T", "probe_epochs",
-                  "probe_lr", "probe_weight_decay", "probe_batch_size", "probe_class_weight")
+_SHARED_CONFIG = ("crops_per_image", "size", "scale", "crop_seed", "rare_classes", "tau", "k", "T", "probe",
+                  "probe_C", "probe_max_iter", "probe_epochs", "probe_lr", "probe_weight_decay", "probe_batch_size",
+                  "probe_class_weight")
 
 
 def _shared_config(arms: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:

@@ -55,7 +55,7 @@ from oodfast.evaluate.bands import (
 from oodfast.evaluate.features import EVAL_CROP_SCALE, extract_features
 from oodfast.evaluate.labels import class_pixel_share, crop_labels
 from oodfast.evaluate.probe_metrics import binary_accuracy, mean_interval, per_band_accuracy
-from oodfast.evaluate.probes import knn_classify, knn_votes, linear_probe, linear_probe_logits
+from oodfast.evaluate.probes import PROBE_C, PROBE_MAX_ITER, knn_classify, knn_votes, linear_probe, linear_probe_logits
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _probe_task(
     Args:
         x_tr, x_te: features [N, D] / [M, D] of the task's train and test rows; y_tr, y_te: targets [N] / [M].
         ks: the kNN's k values (each capped at N); primary: the one whose metrics fill ``knn``.
-        probe: :func:`linear_probe_logits` keywords (epochs, lr, weight_decay, batch_size, device).
+        probe: :func:`linear_probe_logits` keywords (C, max_iter, device).
     """
     if len(y_tr) == 0 or len(y_te) == 0:
         raise ValueError(f"task {task}: no labelled crops in the {'train' if len(y_tr) == 0 else 'test'} "
@@ -184,10 +184,8 @@ def evaluate_representation(
     k: int = 20,
     nb_knn: Sequence[int] | None = None,
     T: float = 0.07,
-    probe_epochs: int = 100,
-    probe_lr: float = 1e-2,
-    probe_weight_decay: float = 1e-4,
-    probe_batch_size: int = 1024,
+    probe_C: float = PROBE_C,
+    probe_max_iter: int = PROBE_MAX_ITER,
     device: str | torch.device = "cpu",
     batch_size: int = 64,
     num_workers: int | None = None,
@@ -203,9 +201,10 @@ def evaluate_representation(
     k of ``nb_knn`` as ``eval_knn.py --nb_knn``, default just ``k``; deterministic: one value, no
     interval) and the linear probe once per seed in ``seeds``,
     summarised as mean and a two-sided Student-t ``confidence`` interval over the seeds
-    (:func:`mean_interval`, clipped to [0, 1]; None with a single seed). The interval covers the
-    probe's optimisation randomness (initialisation, batch order) only, not the crop sampling or
-    the pretraining seed: compare checkpoints of several training seeds for that.
+    (:func:`mean_interval`, clipped to [0, 1]; None with a single seed). The probe is scikit-learn's
+    L-BFGS logistic regression, convex and deterministic: every seed gives the same probe, so the
+    interval has zero width. It covers neither the crop sampling nor the pretraining seed: compare
+    checkpoints of several training seeds for that.
 
     Bands come from ``class_share`` (per-class pixel shares, e.g. synthdrive's manifest) or, when
     None, from the train split's masks (:func:`class_pixel_share`), by :func:`frequency_bands`.
@@ -242,8 +241,8 @@ def evaluate_representation(
     results: dict[str, Any] = {
         "config": {"seeds": [int(s) for s in seeds], "crops_per_image": crops_per_image, "size": size,
                    "scale": list(scale), "crop_seed": crop_seed, "rare_classes": [CLASS_NAMES[i] for i in rare],
-                   "tau": tau, "k": primary, "nb_knn": list(ks), "T": T, "probe_epochs": probe_epochs, "probe_lr": probe_lr,
-                   "probe_weight_decay": probe_weight_decay, "probe_batch_size": probe_batch_size,
+                   "tau": tau, "k": primary, "nb_knn": list(ks), "T": T, "probe": "sklearn LogisticRegression (lbfgs)",
+                   "probe_C": probe_C, "probe_max_iter": probe_max_iter,
                    "confidence": confidence, "interval": "student-t over linear-probe seeds",
                    "probe_class_weight": {"dominant": None, "rare_present": "balanced"}},
         "band_rule": BAND_RULE,
@@ -255,8 +254,7 @@ def evaluate_representation(
                             "test": float(test_y["rare_present"].mean())},
     }
 
-    probe = dict(epochs=probe_epochs, lr=probe_lr, weight_decay=probe_weight_decay, batch_size=probe_batch_size,
-                 device=device)
+    probe = dict(C=probe_C, max_iter=probe_max_iter, device=device)
     for task, (sel_tr, y_tr, sel_te, y_te, n_classes) in _tasks(train_y, test_y).items():
         x_tr, x_te = train_x[torch.from_numpy(sel_tr)], test_x[torch.from_numpy(sel_te)]
         results[task] = _probe_task(task, x_tr, y_tr[sel_tr], x_te, y_te[sel_te], n_classes, bands, seeds=seeds,

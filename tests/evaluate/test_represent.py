@@ -53,7 +53,7 @@ def test_extract_features_is_deterministic_and_batch_independent(tiny_synthdrive
 def test_evaluate_representation_end_to_end(tiny_synthdrive) -> None:  # noqa: ANN001
     train, test = tiny_synthdrive
     enc = load_encoder("random", "resnet18", "cpu")
-    res = evaluate_representation(enc, train, test, seeds=(0, 1), crops_per_image=4, size=40, probe_epochs=10,
+    res = evaluate_representation(enc, train, test, seeds=(0, 1), crops_per_image=4, size=40, probe_max_iter=200,
                                   batch_size=64, num_workers=2)
     assert {"config", "band_rule", "bands", "class_pixel_share", "n_train", "n_test", "rare_prevalence",
             "dominant", "rare_present"} <= set(res)
@@ -90,7 +90,7 @@ def test_evaluate_representation_several_k(tiny_synthdrive) -> None:  # noqa: AN
     train, test = tiny_synthdrive
     enc = load_encoder("random", "resnet18", "cpu")
     opts = dict(crops_per_image=2, size=32, num_workers=1)
-    res = evaluate_representation(enc, train, test, seeds=(0,), probe_epochs=2, nb_knn=(3, 7, 3, 100000), T=0.1,
+    res = evaluate_representation(enc, train, test, seeds=(0,), probe_max_iter=50, nb_knn=(3, 7, 3, 100000), T=0.1,
                                   **opts)
     n_train = res["n_train"]
     assert res["config"]["nb_knn"] == [3, 7, 100000] and res["config"]["k"] == 3 and res["config"]["T"] == 0.1
