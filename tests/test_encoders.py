@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oodfast.encoders import build_backbone, load_encoder
+from oodfast.dense import position_view
+from oodfast.encoders import DENSE_LAYERS, build_backbone, dense_dim, feature_map, load_encoder
 from oodfast.train.checkpoint import save_checkpoint
 
 
@@ -105,3 +106,31 @@ def test_load_encoder_dino_vit_checkpoint(tmp_path) -> None:  # noqa: ANN001
         load_encoder(path, "vit_tiny", "cpu", patch_size=8)
     with pytest.raises(ValueError, match="mis-shaped: .*the checkpoint says arch 'vit_tiny'"):
         load_encoder(path, "vit_small", "cpu")
+
+
+@pytest.mark.parametrize("layer, stride", [("layer2", 8), ("layer3", 16), ("layer4", 32)])
+def test_feature_map_of_a_resnet_stage_is_channels_last_and_viewable(layer, stride):
+    model = load_encoder("random", "resnet18")
+    x = torch.randn(2, 3, 64, 96)
+    fmap = feature_map(model, x, layer)
+    assert DENSE_LAYERS[layer] == stride
+    assert fmap.shape == (2, dense_dim("resnet18", layer), 64 // stride, 96 // stride)
+    assert fmap.is_contiguous(memory_format=torch.channels_last)
+    assert position_view(fmap).data_ptr() == fmap.data_ptr()
+    if layer == "layer4":  # the pooled embedding is the mean of the last map's positions
+        torch.testing.assert_close(fmap.mean((2, 3)), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_dense_dim_and_vit_tokens():
+    assert (dense_dim("resnet50", "layer3"), dense_dim("resnet50", "layer4"), dense_dim("vit_small", "tokens")) \
+        == (1024, 2048, 384)
+    vit = load_encoder("random", "vit_tiny")
+    x = torch.randn(2, 3, 32, 48)
+    tokens = feature_map(vit, x, "tokens")
+    assert tokens.shape == (2, 6, dense_dim("vit_tiny", "tokens"))
+    torch.testing.assert_close(tokens, vit.forward_tokens(x)[:, 1:])
+    for call, match in ((lambda: feature_map(vit, x), "layer='tokens'"),
+                        (lambda: dense_dim("resnet50", "layer9"), "unknown dense layer"),
+                        (lambda: dense_dim("regnet_x_400mf", "layer3"), "ResNet-style")):
+        with pytest.raises(ValueError, match=match):
+            call()
