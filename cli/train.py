@@ -82,7 +82,8 @@ SCALE_OPTIONS = {"global_crops_scale": "Global crop area range, e.g. 0.14 1 (DIN
 #: TrainConfig field -> the option that sets it (its first spelling), so a config error names an option.
 FLAGS: dict[str, str] = {name: flags[0] for flags, name, _, _ in DINO_OPTIONS} | {
     "aug": "--aug", "detector": "--detector", "detector_weights": "--detector-weights", "metric": "--metric",
-    "threshold_mode": "--threshold", "replay": "--replay", "data": "--data", "data_root": "--data-root",
+    "threshold_mode": "--threshold", "replay": "--replay", "replay_store": "--replay-store", "data": "--data",
+    "data_root": "--data-root",
     "global_crops_scale": "--global_crops_scale", "local_crops_scale": "--local_crops_scale",
 }
 
@@ -187,6 +188,9 @@ def _launcher(ctx: click.Context, dist_url: str | None, local_rank: int | None) 
 @click.option("--replay", type=click.Choice(["ood", "random", "oracle"]), default=None,
               help="random: a buffer of randomly chosen images (replay without detection); oracle: images that "
                    "truly hold rare objects, from the masks (the upper bound; needs BDD10K-layout masks).")
+@click.option(*spellings("--replay-store"), "replay_store", type=click.Choice(["crops", "ids"]), default=None,
+              help="crops (the paper's): replay the buffered images' stored crops as they are; ids: keep their "
+                   "ids and re-decode and re-augment them every step (new crops; --aug dali or torch).")
 @click.option(*spellings("--no-compile"), "no_compile", is_flag=True, help="Run the step eagerly (no torch.compile).")
 @click.option("--tensorboard", is_flag=True, help="Also log the scalars to TensorBoard (output_dir/tb; extra 'tensorboard').")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Checkpoint to continue from.")
@@ -199,8 +203,8 @@ def _launcher(ctx: click.Context, dist_url: str | None, local_rank: int | None) 
 def train(data: str, data_root: Path | None, data_path: Path | None, synthetic_images: int | None,
           synthetic_size: tuple[int, int] | None, preset: str, aug: str | None, detector: str | None,
           detector_weights: str | None, metric: str | None, threshold_mode: str | None, no_ood: bool, replay: str | None,
-          no_compile: bool, tensorboard: bool, resume: str | None, device: str | None, dist_url: str | None,
-          local_rank: int | None, json_path: Path | None, markdown_path: Path | None, **dino: Any) -> None:
+          replay_store: str | None, no_compile: bool, tensorboard: bool, resume: str | None, device: str | None,
+          dist_url: str | None, local_rank: int | None, json_path: Path | None, markdown_path: Path | None, **dino: Any) -> None:
     """Train DINO with the OOD replay buffer (default: on synthdrive, anywhere)."""
     from oodfast.devices import default_device
     from oodfast.report import markdown_table, write_report
@@ -216,7 +220,8 @@ def train(data: str, data_root: Path | None, data_path: Path | None, synthetic_i
     name = preset_for(device) if preset == "auto" else preset
     overrides = {k: v for k, v in dino.items() if v is not None}
     overrides.update({k: v for k, v in dict(aug=aug, detector=detector, detector_weights=detector_weights,
-                                             metric=metric, threshold_mode=threshold_mode).items() if v is not None})
+                                             metric=metric, threshold_mode=threshold_mode,
+                                             replay_store=replay_store).items() if v is not None})
     overrides.update(data=data, data_root=str(data_root) if data_root else None)
     spec = {}
     if synthetic_images:

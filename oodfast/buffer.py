@@ -171,11 +171,16 @@ class RareRing(nn.Module):
                      self.ring_ids, self.ring_scores, self.ring_steps, self.state, self.scratch, metric)
 
     def stage(self, views: Sequence[torch.Tensor]) -> None:
-        """Tail mode: copy the loader's views (each [B, *crop], global first) into the staging rows."""
+        """Tail mode: copy the loader's views (each [B, *crop], global first) into the staging rows; views
+        of B + C rows (the re-augmenting replay: new images, then fresh crops of the buffered ones) fill
+        the ring's rows too."""
         for g, group_views in enumerate(self._split(views)):
             staging = self.staging_rows(g)
             for i, t in enumerate(group_views):
-                staging[i].copy_(t, non_blocking=True)
+                if t.shape[0] == self.storage[g].shape[1] != staging.shape[1]:
+                    self.storage[g][i].copy_(t, non_blocking=True)
+                else:
+                    staging[i].copy_(t, non_blocking=True)
 
     def write(self, slots: torch.Tensor, views: Sequence[torch.Tensor] | None = None) -> None:
         """Copy every row with ``slots[b] >= 0`` into its slot, for all views.

@@ -12,17 +12,30 @@ Modes (``replay``): ``ood`` (a :class:`~oodfast.detect.RareDetector` fills the b
 the masks). The percentile is checked once, by :class:`~oodfast.detect.DetectorConfig`, and its flag
 rate (``DetectorConfig.rate``) is the one every mode uses.
 
-Nothing here synchronises with the host on the training path (:meth:`add_`, :meth:`step_features`);
-calibration and warm-up do, before training.
+What the detector scores (:meth:`Replay.features`, the one place that chooses it): the CLEAN global
+view of each new image (the loader's ``clean_view``: the whole image resized to the global size, no
+flip, no photometric op), embedded with the scoring module (the teacher's backbone, or the frozen
+encoder) in eval mode, so BatchNorm uses its running statistics and a score depends on the image
+alone, not on its batch-mates or its augmentation. Calibration embeds the same kind of rows.
+
+Stores (``store``): ``crops`` (the paper's: an enqueued image's crops are copied into the ring and
+replayed as they are) or ``ids`` (the ring's sample ids are published to the host each step,
+asynchronously, through :class:`HostRingIds`; the loader decodes and augments the buffered images
+afresh, so the C ring rows get new crops every step).
+
+Nothing here synchronises with the host on the training path (:meth:`add_`, :meth:`step_input`,
+:meth:`publish`); calibration and warm-up do, before training.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,9 +50,84 @@ DETECTOR_SOURCES = ("teacher", "frozen")
 #: The frozen detector's encoder (the paper's: a DINO ResNet-50 trunk) and its embedding size.
 FROZEN_ARCH, FROZEN_DIM = "resnet50", 2048
 
+#: What the ring keeps of an image: its crops (the paper's), or its sample id (re-augmented each step).
+REPLAY_STORES = ("crops", "ids")
+
 FROZEN_WEIGHTS_HELP = ("--detector frozen needs --detector-weights PATH: a torchvision/DINO ResNet-50 state dict "
                        "such as dino_resnet50_pretrain.pth (linked from the facebookresearch/dino README) or an "
                        "oodfast/DINO checkpoint; or use --detector teacher, which needs no weights")
+
+
+@contextlib.contextmanager
+def eval_mode(module: Any) -> Iterator[None]:
+    """``module`` in eval mode inside (BatchNorm on its running statistics, which it then leaves alone;
+    no dropout or drop path), every submodule's own mode restored after. Host-side flags only: no
+    device work. An object without modules (a stand-in) is left as it is."""
+    if not isinstance(module, nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class HostRingIds:
+    """The ring's sample ids on the host, for a loader that re-augments the buffered images.
+
+    After each training step :meth:`publish` enqueues a copy of ``ring.ring_ids`` into a pinned host
+    slot (``non_blocking=True``) and records a CUDA event; nothing waits for it. A loader (any thread)
+    asks :meth:`at` for the ids published after a given step and gets the newest completed copy
+    published at or before it, else the seed (the ring as warm-up or a checkpoint left it:
+    :meth:`reset`). The loader asks for step ``g - loader.replay_lag``, whose copy the training loop has
+    already waited for, so which ids a batch gets does not depend on timing.
+
+    Args:
+        ring: the ring whose ``ring_ids`` [C] are published.
+        history: host slots kept (more than any loader's lag).
+    """
+
+    def __init__(self, ring: RareRing, history: int = 32) -> None:
+        self.ring, self.capacity = ring, ring.capacity
+        self.cuda = ring.ring_ids.device.type == "cuda"
+        self._host = torch.full((history, ring.capacity), -1, dtype=torch.int64, pin_memory=self.cuda)
+        self._tags: list[int | None] = [None] * history
+        self._events: list[Any] = [None] * history
+        self._seed = np.full(ring.capacity, -1, np.int64)
+        self._lock = threading.Lock()
+
+    def reset(self) -> None:
+        """Forget what was published and seed with the ring's ids as they are now (reads the device:
+        before training only)."""
+        seed = self.ring.ring_ids.cpu().numpy().copy()
+        with self._lock:
+            self._seed, self._tags = seed, [None] * len(self._tags)
+
+    def publish(self, step: int) -> None:
+        """Enqueue the copy of the ring's ids after training step ``step``; no host synchronisation."""
+        k = step % len(self._tags)
+        with self._lock:
+            self._tags[k] = None  # no reader takes the slot while the device writes it
+        self._host[k].copy_(self.ring.ring_ids, non_blocking=True)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        with self._lock:
+            self._tags[k], self._events[k] = step, event
+
+    def at(self, step: int) -> np.ndarray:
+        """int64 [C]: the newest completed copy published after a step <= ``step``, else the seed."""
+        with self._lock:
+            ready = sorted(((t, k) for k, t in enumerate(self._tags) if t is not None and t <= step), reverse=True)
+            for _, k in ready:
+                event = self._events[k]
+                if event is None or event.query():
+                    return self._host[k].numpy().copy()
+            return self._seed.copy()
 
 
 class Replay:
@@ -52,17 +140,21 @@ class Replay:
             features are used.
         masks, images: the dataset's mask and image paths (oracle mode reads the staged images' masks).
         amp: the autocast context the embeddings are computed in.
+        store: ``crops`` or ``ids`` (see the module docstring).
 
     Persistent tensors, written in place every step: ``ids`` int64 [B] (the staged images' dataset
     positions), ``step`` 0-d int64 (stored with each enqueued image), ``scores`` fp32 [B], ``slots``
-    int32 [B].
+    int32 [B], ``clean`` [B, 3, G, G] (the staged images' clean views; None for the random and oracle
+    modes, which embed nothing). ``host_ids``: the :class:`HostRingIds` of the ``ids`` store, else None.
     """
 
     def __init__(self, ring: RareRing, detector: RareDetector | ScoreDetector, *, encoder: nn.Module | None = None,
                  masks: Sequence[Any] | None = None, images: Sequence[Any] | None = None,
-                 amp: Any = None) -> None:
+                 amp: Any = None, store: str = "crops") -> None:
         if ring.batch_size is None:
             raise ValueError("Replay needs a ring in tail mode: build it with batch_size=B")
+        if store not in REPLAY_STORES:
+            raise ValueError(f"replay store (--replay-store) must be crops or ids, got {store!r}")
         self.ring, self.detector, self.encoder = ring, detector, encoder
         self.masks, self.images = masks, images
         self.amp = amp if amp is not None else contextlib.nullcontext()
@@ -72,12 +164,17 @@ class Replay:
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         self.scores = torch.zeros(B, device=device)
         self.slots = torch.full((B,), -1, dtype=torch.int32, device=device)
+        self.store = store
+        self.host_ids = HostRingIds(ring) if store == "ids" else None
+        self.clean = (torch.zeros(B, *ring.groups[0][1], dtype=ring.storage[0].dtype, device=device)
+                      if self.embeds else None)
 
     @classmethod
     def build(cls, mode: str, *, capacity: int, batch_size: int, global_size: int, local_size: int,
               local_crops_number: int, dtype: torch.dtype, device: torch.device, detector: DetectorConfig,
               source: str = "teacher", embed_dim: int, frozen_weights: str | None = None,
-              masks: Sequence[Any] | None = None, images: Sequence[Any] | None = None, amp: Any = None) -> Replay:
+              masks: Sequence[Any] | None = None, images: Sequence[Any] | None = None, amp: Any = None,
+              store: str = "crops") -> Replay:
         """The replay of a run.
 
         Args:
@@ -90,10 +187,13 @@ class Replay:
             source: ``teacher`` (the teacher's backbone features, ``embed_dim`` wide) or ``frozen``
                 (a frozen ResNet-50 from ``frozen_weights``; ood mode only).
             masks, images: the dataset's paths, for oracle mode.
+            store: ``crops`` (the paper's) or ``ids`` (re-augmented by the loader).
 
         Raises:
-            ValueError: an unknown mode or source, or ``frozen`` without weights.
+            ValueError: an unknown mode, source or store, or ``frozen`` without weights.
         """
+        if store not in REPLAY_STORES:
+            raise ValueError(f"replay store (--replay-store) must be crops or ids, got {store!r}")
         if source not in DETECTOR_SOURCES:
             raise ValueError(f"detector source must be one of {DETECTOR_SOURCES}, got {source!r}")
         ring = RareRing.for_multicrop(capacity, global_size=global_size, local_crops_number=local_crops_number,
@@ -114,7 +214,7 @@ class Replay:
             det = RareDetector(dim, detector, device=device)
         else:
             raise ValueError(f"replay mode must be ood, random or oracle, got {mode!r}")
-        return cls(ring, det, encoder=encoder, masks=masks, images=images, amp=amp)
+        return cls(ring, det, encoder=encoder, masks=masks, images=images, amp=amp, store=store)
 
     # ---- what the model sees -------------------------------------------------------------------
 
@@ -123,14 +223,22 @@ class Replay:
         return self.ring.views()
 
     def stage(self, views: Sequence[torch.Tensor], index: torch.Tensor, boxes: torch.Tensor | None = None) -> None:
-        """Copy a loader batch (``views`` each [B, *crop], global first; ``index`` int64 [B]) into the
-        staging rows; oracle mode also reads its true rare shares from the masks (``boxes``
-        [B, n_global, 4], needed then)."""
+        """Copy a loader batch (``views`` each [B, *crop], global first, then the clean view where the
+        loader was built with ``clean_view``; ``index`` int64 [B]) into the staging rows; oracle mode also
+        reads its true rare shares from the masks (``boxes`` [B, n_global, 4], needed then). A batch of
+        the ``ids`` store holds B + C rows: its last C (fresh crops of the buffered images) fill the
+        ring's rows."""
+        views = list(views)
+        if len(views) == self.ring.num_views + 1:
+            clean = views.pop()
+            if self.clean is not None:
+                self.clean.copy_(clean[: self.B], non_blocking=True)
+        index = index[: self.B]
         if isinstance(self.detector, OracleDetector):
             if boxes is None:
                 raise ValueError("the oracle replay needs the batch's crop boxes")
             shares = [rare_shares(read_mask(self.masks[int(i)], self.images[int(i)]), b.numpy()).max()
-                      for i, b in zip(index, boxes[:, :2])]
+                      for i, b in zip(index, boxes[: self.B, :2])]
             self.detector.shares.copy_(torch.tensor(shares, dtype=torch.float32).unsqueeze(1), non_blocking=True)
         self.ring.stage(views)
         self.ids.copy_(index, non_blocking=True)
@@ -148,27 +256,48 @@ class Replay:
         """Whether the detector has statistics to fit (the random and oracle modes have none)."""
         return isinstance(self.detector, RareDetector)
 
-    @torch.no_grad()
-    def embed(self, globals_: Sequence[torch.Tensor], teacher: nn.Module | None = None) -> torch.Tensor:
-        """Detector embeddings [2, B, D] (fp32) of the first B rows of the two global views: the frozen
-        encoder's, else ``teacher.forward_backbone``'s (needed then)."""
-        rows = [g[: self.B] for g in globals_]
-        with self.amp:
-            if self.encoder is not None:
-                feats = self.encoder(torch.cat(rows))
-            else:
-                if teacher is None:
-                    raise ValueError("Replay.embed: the teacher detector needs the teacher module")
-                feats = teacher.forward_backbone(rows)
-        return feats.float().view(2, self.B, -1)
+    @property
+    def embeds(self) -> bool:
+        """Whether the detector scores embeddings of the clean views (the random and oracle modes score
+        none: their loaders need no clean view)."""
+        return isinstance(self.detector, RareDetector)
 
-    def step_features(self, teacher_feats: torch.Tensor) -> torch.Tensor:
-        """The staged batch's detector embeddings [2, B, D] in a training step: the frozen encoder's own,
-        else the rows [0, B) of the teacher's backbone features ``teacher_feats`` [2 (B + C), D] from
-        that step's forward (random and oracle modes ignore them)."""
-        if self.encoder is not None:
-            return self.embed(self.views()[:2])
-        return teacher_feats.float().view(2, self.B + self.ring.capacity, -1)[:, : self.B]
+    def scorer(self, teacher: nn.Module | None) -> nn.Module | None:
+        """The module whose features the detector scores: the frozen encoder, else ``teacher``."""
+        return self.encoder if self.encoder is not None else teacher
+
+    def features(self, rows: torch.Tensor, teacher: nn.Module | None = None) -> torch.Tensor:
+        """What the detector scores, for the clean views ``rows`` [n, 3, G, G]: the one place that
+        chooses it. Pooled embeddings [1, n, D] fp32 (the frozen encoder's, else
+        ``teacher.forward_backbone``'s), computed as they are: the caller sets eval mode
+        (:meth:`embed`, :meth:`step_input`); traceable by torch.compile."""
+        scorer = self.scorer(teacher)
+        if scorer is None:
+            raise ValueError("Replay.features: the teacher detector needs the teacher module")
+        with self.amp:
+            feats = scorer(rows) if self.encoder is not None else scorer.forward_backbone(rows)
+        return feats.float().view(-1, rows.shape[0], feats.shape[-1])
+
+    @torch.no_grad()
+    def embed(self, rows: torch.Tensor, teacher: nn.Module | None = None) -> torch.Tensor:
+        """:meth:`features` of ``rows`` with the scoring module in eval mode (its mode restored after)."""
+        with eval_mode(self.scorer(teacher)):
+            return self.features(rows, teacher)
+
+    def step_input(self, teacher: nn.Module | None, features: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+        """The detector's input for the staged batch: :meth:`features` of the staged clean views with
+        the scoring module in eval mode (``features``: e.g. a compiled :meth:`features`), or, for the
+        random and oracle modes, a [B, 1] placeholder they ignore. No host synchronisation."""
+        if not self.embeds:
+            return self.scores.unsqueeze(1)
+        with eval_mode(self.scorer(teacher)), torch.no_grad():
+            return (features or self.features)(self.clean, teacher)
+
+    def publish(self, step: int) -> None:
+        """After training step ``step`` (its enqueue issued): the ``ids`` store's asynchronous copy of the
+        ring's ids to the host, for the loader (:class:`HostRingIds`); a no-op for ``crops``."""
+        if self.host_ids is not None:
+            self.host_ids.publish(step)
 
     # ---- score, enqueue, copy -------------------------------------------------------------------
 
@@ -198,9 +327,10 @@ class Replay:
     @torch.no_grad()
     def calibrate(self, features: torch.Tensor) -> None:
         """Fit the detector's statistics and threshold on calibration embeddings ``features`` [n, D]
-        (a no-op for the random and oracle modes)."""
+        (or :meth:`embed`'s [1, n, D]; a no-op for the random and oracle modes)."""
         if not isinstance(self.detector, RareDetector):
             return
+        features = features.reshape(-1, features.shape[-1])
         self.detector.fit(features)
         c = self.detector.config
         log.info("calibrated %s on %d embeddings: threshold %.4f (%.2f percentile)", c.metric, features.shape[0],
@@ -210,13 +340,14 @@ class Replay:
     def warm_up(self, batches: Iterable[Any], *, teacher: nn.Module | None = None,
                 refill: Callable[[], Iterable[Any]] | None = None) -> None:
         """Fill the ring before training, as the paper does: stage each of ``batches`` (loader batches
-        with ``views``, ``index``, ``boxes``) and add its flagged images until the ring is full; if one
-        pass does not find enough, top it up with random images from fresh passes of ``refill()``."""
+        with ``views`` (the clean view last), ``index``, ``boxes``) and add its flagged images until the
+        ring is full; if one pass does not find enough, top it up with random images from fresh passes
+        of ``refill()``. The ``ids`` store then seeds the host's copy of the ids with the full ring."""
         for batch in batches:
             if self.ring.is_full():
                 break
             self.stage(batch.views, batch.index, batch.boxes)
-            self.add_(self.embed(self.views()[:2], teacher))
+            self.add_(self.step_input(teacher))
         if not self.ring.is_full() and refill is not None:
             log.warning("warm-up: one pass found %d of %d rare images; topping up with random images",
                         int(self.ring.count), self.ring.capacity)
@@ -227,6 +358,8 @@ class Replay:
                     self.add_(self.scores.unsqueeze(1), detector=filler)
                     if self.ring.is_full():
                         break
+        if self.host_ids is not None:
+            self.host_ids.reset()
         log.info("warm-up done: %d images in the buffer (%s)", int(self.ring.count),
                  "flagged" if isinstance(self.detector, RareDetector) else "random")
 
@@ -247,3 +380,5 @@ class Replay:
             self.ring.load_state_dict(state["ring"])
         if state.get("detector") is not None:
             self.detector.load_state_dict(state["detector"])
+        if self.host_ids is not None:
+            self.host_ids.reset()

@@ -24,6 +24,8 @@ from typing import Any
 DETECTOR_MODES = ("teacher", "frozen")
 REPLAY_MODES = ("ood", "random", "oracle", "none")
 THRESHOLD_MODES = ("fixed", "online")
+#: What the ring keeps of an image (oodfast.replay.REPLAY_STORES): its crops (the paper's) or its id.
+REPLAY_STORES = ("crops", "ids")
 AUG_BACKENDS = ("dali", "paper", "torch")
 #: Earlier spellings still accepted, mapped to their name in AUG_BACKENDS.
 AUG_ALIASES = {"reference": "paper"}
@@ -179,7 +181,9 @@ class TrainConfig:
     frozen = a separate frozen encoder from ``detector_weights``), ``metric``, ``calib_size`` /
     ``calib_frac``, ``ood_percentile`` (the calibration scores' percentile the threshold is set at),
     ``threshold_mode`` (fixed | online: the threshold then adapts to hold the calibrated flag rate;
-    CLI ``--threshold``).
+    CLI ``--threshold``), ``replay_store`` (crops = the paper's: the ring's stored crops are replayed as
+    they are; ids = the ring keeps sample ids and the loader decodes and augments the buffered images
+    afresh every step; needs ``aug`` dali or torch).
 
     Runtime: ``compile`` (torch.compile the step), ``bf16`` (mixed precision on CUDA, DINO's ``--use_fp16``:
     bf16 autocast where the GPU supports it, fp16 autocast with a GradScaler where not; the CPU runs
@@ -236,6 +240,7 @@ class TrainConfig:
     calib_frac: float | None = None
     ood_percentile: float = 0.95
     threshold_mode: str = "fixed"
+    replay_store: str = "crops"
     # runtime
     compile: bool = True
     bf16: bool = True
@@ -260,7 +265,8 @@ class TrainConfig:
         for name in FIELD_RANGES:
             check_field(name, getattr(self, name))
         choices = {"replay": REPLAY_MODES, "detector": DETECTOR_MODES, "threshold_mode": THRESHOLD_MODES,
-                   "aug": AUG_BACKENDS, "metric": METRICS, "optimizer": OPTIMIZERS, "crops": CROP_RECIPES}
+                   "aug": AUG_BACKENDS, "metric": METRICS, "optimizer": OPTIMIZERS, "crops": CROP_RECIPES,
+                   "replay_store": REPLAY_STORES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError("{%s} must be one of %s, got {value!r}" % (name, ", ".join(allowed)), (name,),
@@ -280,6 +286,9 @@ class TrainConfig:
                 raise ConfigError("{%s} ({value}) must not exceed {epochs} ({epochs_value}); lower {%s} or raise "
                                   "{epochs}" % (name, name), (name, "epochs"), value=getattr(self, name),
                                   epochs_value=self.epochs)
+        if self.replay_store == "ids" and self.aug == "paper":
+            raise ConfigError("{replay_store} ids needs {aug} dali or torch: the paper's loader cannot re-augment "
+                              "the buffered images; use {replay_store} crops with it", ("replay_store", "aug"))
         self._check_vit()
         if not isinstance(self.checkpoint_key, str) or not self.checkpoint_key:
             raise ConfigError("{checkpoint_key} must name a checkpoint entry (teacher or student), got {value!r}",

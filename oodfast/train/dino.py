@@ -2,6 +2,8 @@
 
 One step, as in the paper but without its host round trips::
 
+    the detector's embedding of the staged clean views, the scoring module
+    (teacher or frozen encoder) in eval mode                                           (compiled: _features)
     teacher(global views of B + C rows), student(all views of B + C rows), DINOLoss    (compiled: _forward)
     backward (of the loss times the fp16 loss scale, where used) into one flat gradient
     buffer; ONE all-reduce of gradients, skip flag, signal flags and the loss centre
@@ -10,12 +12,20 @@ One step, as in the paper but without its host round trips::
     device through ``found_inf``); the loss scale's update                               (eager)
     EMA teacher update with a 0-d momentum, loss centre, BatchNorm statistics kept or put back;
     the replay scores the staged rows and copies the rare ones into its ring            (compiled: _post)
+    the ``ids`` store's asynchronous copy of the ring's ids to the host, for the loader (eager)
 
 The rows come from ``views()`` (persistent tensors: the staged batch, then the replay ring), so the
 model always sees B + C rows per view with static shapes; schedules enter as 0-d tensors, so nothing
 recompiles as they change. An image flagged in step t is replayed from step t + 1 on (it is in step t's
-batch anyway), with the teacher detector and the frozen one alike: the paper's frozen detector flags
+batch anyway; the ``ids`` store replays it once its id has reached the loader, ``loader.replay_lag``
+steps later), with the teacher detector and the frozen one alike: the paper's frozen detector flags
 before the forward, here after the step, so that a skipped step changes nothing.
+
+The detector scores the clean views (no photometric augmentation) with the scoring module in eval
+mode (:meth:`oodfast.replay.Replay.step_input`): the teacher's BatchNorm uses its running statistics
+and does not update them, so a score depends on the image alone, and calibration (the same call on
+the same kind of rows) sees what training sees. The mode switch is a host-side flag around the
+separately compiled ``_features`` (compiled once in eval mode, as ``_forward`` is in train mode).
 
 Nothing in a step waits for the device. A non-finite loss (on any rank) or gradient skips the step on
 the device: AdamW's ``found_inf``, an EMA momentum of 1, an unchanged centre, BatchNorm statistics,
@@ -234,6 +244,8 @@ class DINO:
         self.sched = self.schedules.allocate(device)
         self._forward = torch.compile(self._forward_impl, fullgraph=True) if cfg.compile else self._forward_impl
         self._post = torch.compile(self._post_impl, fullgraph=True) if cfg.compile else self._post_impl
+        features = replay.features if replay is not None else None
+        self._features = torch.compile(features, fullgraph=True) if cfg.compile and replay is not None else features
 
     def run_step(self, step: int, epoch: int, *, signum: int | None = None,
                  monitor: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -259,7 +271,9 @@ class DINO:
             self.replay.step.fill_(step)
         sync = self.grad_sync
         sync.zero_()
-        loss, teacher_feats, center, nonfinite = self._forward(self.sched.teacher_temp)
+        # the detector's input first, from the teacher as the forward sees it (eval mode: no state moves)
+        scored = self.replay.step_input(self.teacher, self._features) if self.replay is not None else None
+        loss, center, nonfinite = self._forward(self.sched.teacher_temp)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         extra = sync.extra
         extra[_NONFINITE].copy_(nonfinite)
@@ -283,7 +297,9 @@ class DINO:
         self.optimizer.step()
         if self.scaler is not None:
             self.scaler.update()  # halves the scale after an inf / NaN gradient, grows it after 2000 good steps
-        self._post(teacher_feats, self.sched.momentum, skipped, extra[_CENTER:].view(1, -1))
+        self._post(scored, self.sched.momentum, skipped, extra[_CENTER:].view(1, -1))
+        if self.replay is not None:
+            self.replay.publish(step)  # the ids store: ring ids to the host, asynchronously
         scalars = {"loss": loss, "skipped": skipped, "sigterm": extra[_SIGTERM], "sigint": extra[_SIGINT]}
         if monitor:
             scalars["teacher_entropy"] = self.loss.teacher_entropy
@@ -292,23 +308,23 @@ class DINO:
         return scalars, values
 
     # ---- the compiled pieces ---------------------------------------------------------------------
-    def _forward_impl(self, teacher_temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, teacher backbone features, this rank's batch centre [1, K], loss non-finite as 0-d fp32)."""
+    def _forward_impl(self, teacher_temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, this rank's batch centre [1, K], loss non-finite as 0-d fp32)."""
         views = self.views()
         if self._norm_state:
             torch._foreach_copy_(self._norm_saved, self._norm_state)
         with self.amp:
-            teacher_out, teacher_feats = self.teacher(views[:2], return_features=True)
+            teacher_out = self.teacher(views[:2])
             student_out = self.student(views)
         # The centre moves in the post-step, with the mean over ranks and only if the step is kept.
         loss = self.loss(student_out, teacher_out, teacher_temp=teacher_temp, update_center=False)
         nonfinite = (~torch.isfinite(loss.detach())).float()
-        return loss, teacher_feats.detach(), self.loss.batch_center(teacher_out), nonfinite
+        return loss, self.loss.batch_center(teacher_out), nonfinite
 
-    def _post_impl(self, teacher_feats: torch.Tensor, momentum: torch.Tensor, skipped: torch.Tensor,
+    def _post_impl(self, scored: torch.Tensor | None, momentum: torch.Tensor, skipped: torch.Tensor,
                    center: torch.Tensor) -> None:
-        """EMA teacher, loss centre, then the replay scores the staged images and the rare ones enter the
-        ring. On a skipped step (``skipped``, 0-d bool) none of it changes anything: the momentum is 1,
+        """EMA teacher, loss centre, then the replay scores the staged images (``scored``: the detector's
+        input, :meth:`Replay.step_input`) and the rare ones enter the ring. On a skipped step (``skipped``, 0-d bool) none of it changes anything: the momentum is 1,
         the centre stays, the BatchNorm running statistics are put back, and so are the ring and the
         detector (:meth:`Replay.add_`)."""
         with torch.no_grad():
@@ -318,7 +334,7 @@ class DINO:
             for b, old in zip(self._norm_state, self._norm_saved):
                 b.copy_(torch.where(skipped, old, b))
             if self.replay is not None:
-                self.replay.add_(self.replay.step_features(teacher_feats), skipped=skipped)
+                self.replay.add_(scored, skipped=skipped)
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

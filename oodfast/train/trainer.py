@@ -86,14 +86,6 @@ class Trainer:
                               require_masks=cfg.replay == "oracle")
         self.crops = cfg.multicrop(dtype=self.precision.crop_dtype)  # the --crops recipe (DINO's or the paper's)
         self.B = cfg.batch_size_per_gpu
-        self.loader = self._loader(self.files, cfg.seed, cfg.epoch_length, zero_copy=True)
-        self.steps_per_epoch = len(self.loader)
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"{len(self.files)} images give no full batch of {self.B} per process; lower "
-                             "--batch_size_per_gpu or use more data")
-        log.info("data: %s %s, %d images, %d steps per epoch", cfg.data, cfg.split, len(self.files),
-                 self.steps_per_epoch)
-
         # ============ model, replay buffer, step ============
         student, teacher, embed_dim = build_networks(cfg, self.device, self.rank)
         dtype = self.crops.torch_dtype(self.device)
@@ -106,10 +98,19 @@ class Trainer:
                 detector=DetectorConfig(metric=cfg.metric, percentile=cfg.ood_percentile,
                                         online=cfg.threshold_mode == "online"),
                 source=cfg.detector, embed_dim=embed_dim, frozen_weights=cfg.detector_weights,
-                masks=self.files.masks, images=self.files.images, amp=self.amp)
+                masks=self.files.masks, images=self.files.images, amp=self.amp, store=cfg.replay_store)
         else:
             self._staging = [torch.zeros(self.B, 3, s, s, dtype=dtype, device=self.device)
                              for s in [cfg.global_size] * 2 + [cfg.local_size] * cfg.local_crops_number]
+        # the training loader: with the ids store, it re-augments the ring's images (B + C rows a batch)
+        self.loader = self._loader(self.files, cfg.seed, cfg.epoch_length, zero_copy=True,
+                                   replay_ids=self.replay.host_ids if self.replay is not None else None)
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{len(self.files)} images give no full batch of {self.B} per process; lower "
+                             "--batch_size_per_gpu or use more data")
+        log.info("data: %s %s, %d images, %d steps per epoch", cfg.data, cfg.split, len(self.files),
+                 self.steps_per_epoch)
         self.dino = DINO(cfg, student, teacher, views=self.views, replay=self.replay, world=self.world,
                          steps_per_epoch=self.steps_per_epoch, batch_size=self.B, device=self.device, amp=self.amp,
                          precision=self.precision)
@@ -140,11 +141,15 @@ class Trainer:
 
     # ---- data --------------------------------------------------------------------------------------
     def _loader(self, files: Any, seed: int, epoch_length: int | None, *, sharded: bool = True,
-                zero_copy: bool = False):
+                zero_copy: bool = False, replay_ids: Any = None):
         """A multi-crop loader of this run. ``zero_copy``: DALI's own buffers, in its dtype, for batches
-        that :meth:`stage` copies (the one conversion to the crop dtype happens in that copy)."""
+        that :meth:`stage` copies (the one conversion to the crop dtype happens in that copy). Its batches
+        carry the clean view the detector scores when it scores one; ``replay_ids``: the ids store's
+        re-augmented buffered rows."""
+        clean = self.replay is not None and self.replay.embeds
         return multicrop_loader(files, self.crops, self.B, device=self.device, seed=seed, backend=self.cfg.aug,
                                 epoch_length=epoch_length, num_workers=self.cfg.num_workers, zero_copy=zero_copy,
+                                clean_view=clean, replay_ids=replay_ids,
                                 **({} if sharded else {"shard_id": 0, "num_shards": 1}))
 
     @property
@@ -170,7 +175,8 @@ class Trainer:
         """Fit the detector's statistics and threshold on ``calib_size`` images (or ``calib_frac``).
 
         Every process calibrates on the same images (the first of a seeded permutation), so their
-        statistics agree without communication.
+        statistics agree without communication. The embeddings are those training scores: the clean
+        views, the scoring module in eval mode (:meth:`Replay.embed`).
         """
         if self.replay is None or not self.replay.needs_calibration:
             return
@@ -179,10 +185,10 @@ class Trainer:
         n = max(self.B, min(n, len(self.files)))
         pick = np.random.default_rng(cfg.seed).permutation(len(self.files))[:n]
         subset = [self.files.images[i] for i in sorted(pick)]
-        feats = [self.replay.embed([v.to(self.device) for v in batch.views[:2]], self.dino.teacher).flatten(0, 1)
+        feats = [self.replay.embed(batch.clean.to(self.device, self.replay.clean.dtype), self.dino.teacher)
                  for batch in self._loader(subset, cfg.seed + 1, None, sharded=False)]
         log.info("calibrating on %d images", n)
-        self.replay.calibrate(torch.cat(feats))
+        self.replay.calibrate(torch.cat(feats, dim=-2))
 
     @torch.no_grad()
     def warm_up(self) -> None:

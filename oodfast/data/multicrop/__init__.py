@@ -17,6 +17,12 @@ silently ignore a user's setting. :func:`multicrop_loader` yields :class:`MultiC
     index   [B] int64 positions in ``files``
     boxes   [B, 2, 4] int64 global-crop boxes (x0, y0, x1, y1), half-open, in source pixels
 
+Two options serve the OOD replay. ``clean_view=True`` appends one more view (``batch.clean``): the
+whole image resized to the global size with no flip and no photometric op, which the rarity detector
+scores (so a score depends on the image alone). ``replay_ids`` (DALI and torch backends) makes every
+batch B + C rows: the B new images, then the C images whose ids the replay ring held
+``loader.replay_lag`` steps earlier, decoded and augmented afresh (new crops every step).
+
 Backends (``backend=``):
 
 - ``"dali"`` (default): one DALI pipeline. Each image is decoded once (``device="mixed"`` with the
@@ -71,7 +77,10 @@ from oodfast.data.multicrop.files import CHECK_HINT, MultiCropDataError, image_s
 from oodfast.data.multicrop.plan import (
     PARAM_FIELDS,
     PARAM_INDEX,
+    REPLAY_LAG,
     MultiCropBatch,
+    ReplayIds,
+    batch_params,
     batch_rng,
     boxes_from_params,
     epoch_plan,
@@ -91,13 +100,16 @@ __all__ = [
     "IMAGENET_STD",
     "PARAM_FIELDS",
     "PARAM_INDEX",
+    "REPLAY_LAG",
     "DaliMultiCropLoader",
     "MultiCropBatch",
     "MultiCropConfig",
     "MultiCropDataError",
     "PaperMultiCropLoader",
+    "ReplayIds",
     "TorchMultiCropLoader",
     "ViewAug",
+    "batch_params",
     "batch_rng",
     "boxes_from_params",
     "build_dali_pipeline",

@@ -22,12 +22,14 @@ from oodfast.data.multicrop.dali_pipeline import build_dali_pipeline, pipeline_d
 from oodfast.data.multicrop.dali_prefetch import _Prefetcher
 from oodfast.data.multicrop.files import CHECK_HINT, MultiCropDataError, image_size, read_file_bytes
 from oodfast.data.multicrop.plan import (
+    REPLAY_LAG,
     MultiCropBatch,
-    batch_rng,
+    ReplayIds,
+    batch_params,
     boxes_from_params,
+    buffered_ids,
     epoch_plan,
     params_dict,
-    sample_view_params,
     steps_per_epoch,
 )
 
@@ -41,15 +43,20 @@ class _Feeder:
     a pure function of ``g`` (the plan and :func:`batch_rng` are seeded by (seed, epoch, shard,
     step)), so which thread calls, and how far ahead, changes nothing. DALI calls it from
     ``Pipeline.run`` (``schedule_run``), which :class:`_Prefetcher` runs on its own thread.
+
+    With ``replay_ids`` each batch also carries the C buffered images whose ids
+    ``replay_ids.at(g - lag)`` gives (the ring as published ``lag`` steps earlier); their decisions are
+    drawn from their own stream (:func:`~oodfast.data.multicrop.plan.batch_params`).
     """
 
     def __init__(self, files: Sequence[Path], config: MultiCropConfig, batch_size: int, seed: int,
                  shard_id: int, num_shards: int, epoch_length: int | None, start_epoch: int,
-                 debug: bool) -> None:
+                 debug: bool, replay_ids: ReplayIds | None = None, lag: int = REPLAY_LAG) -> None:
         self.files, self.config, self.batch_size, self.seed = files, config, batch_size, seed
         self.shard_id, self.num_shards, self.epoch_length = shard_id, num_shards, epoch_length
         self.steps = steps_per_epoch(len(files), batch_size, num_shards, epoch_length)
         self.start_epoch, self.debug = start_epoch, debug
+        self.replay_ids, self.lag = replay_ids, lag
         self.fed = 0
         self._plan: tuple[int, np.ndarray] | None = None
         self.recent: collections.deque[np.ndarray] = collections.deque(maxlen=8)
@@ -69,7 +76,9 @@ class _Feeder:
         epoch, step = divmod(self.fed, self.steps)
         epoch += self.start_epoch
         self.fed += 1
-        idx = self.plan(epoch)[step]
+        idx = new = self.plan(epoch)[step]
+        if self.replay_ids is not None:  # the global step of this batch is epoch * steps + step
+            idx = np.concatenate([new, buffered_ids(self.replay_ids, epoch * self.steps + step, self.lag, new)])
         self.recent.append(idx)
         data, hw = [], np.empty((len(idx), 2), np.int64)
         for k, i in enumerate(idx):
@@ -80,7 +89,7 @@ class _Feeder:
             if size is None:
                 size = self._sizes[int(i)] = image_size(path, raw)
             hw[k] = size
-        params = sample_view_params(batch_rng(self.seed, epoch, self.shard_id, step), hw[:, 0], hw[:, 1], self.config)
+        params = batch_params(self.seed, epoch, self.shard_id, step, hw[:, 0], hw[:, 1], self.config, len(new))
         boxes = np.ascontiguousarray(boxes_from_params(params[:, : self.config.n_global]))
         per_view = [np.ascontiguousarray(params[:, v]) for v in range(self.config.n_views)]
         return (data, np.ascontiguousarray(idx.reshape(-1, 1)), boxes, *per_view)
@@ -115,13 +124,16 @@ class DaliMultiCropLoader:
     zero_copy=False: 2 when the config's dtype is the pipeline's (float32 on the CPU, float16 on the
     GPU), 3 otherwise (a torch ``.to(dtype)`` in between). Before the prefetch thread, the CPU path
     also copied every view out of DALI (np.array) and the GPU bfloat16 path converted: 3 in both.
+
+    ``replay_ids``: every batch holds B + C rows (the pipeline's batch size), the last C the buffered
+    images of :attr:`replay_lag` steps earlier, re-decoded and re-augmented.
     """
 
     def __init__(self, files: Sequence[Path], config: MultiCropConfig, batch_size: int, *,
                  device: torch.device, seed: int, shard_id: int, num_shards: int,
                  epoch_length: int | None, num_threads: int | None = None,
                  hw_decoder_load: float = 0.65, prefetch_queue_depth: int = 2, debug: bool = False,
-                 zero_copy: bool = False) -> None:
+                 zero_copy: bool = False, clean_view: bool = False, replay_ids: ReplayIds | None = None) -> None:
         self.files, self.config, self.batch_size = list(files), config, batch_size
         self.device, self.seed = device, seed
         self.shard_id, self.num_shards, self.epoch_length = shard_id, num_shards, epoch_length
@@ -129,7 +141,7 @@ class DaliMultiCropLoader:
         self.hw_decoder_load, self.prefetch_queue_depth, self.debug = hw_decoder_load, prefetch_queue_depth, debug
         self.dtype = config.torch_dtype(device)
         self.pipeline_dtype = pipeline_dtype(self.dtype, device.type == "cuda")
-        self.zero_copy = zero_copy
+        self.zero_copy, self.clean_view, self.replay_ids = zero_copy, clean_view, replay_ids
         self.epoch = 0
         self._pipe: Any = None
         self._feeder: _Feeder | None = None
@@ -145,6 +157,12 @@ class DaliMultiCropLoader:
     def __len__(self) -> int:
         return steps_per_epoch(len(self.files), self.batch_size, self.num_shards, self.epoch_length)
 
+    @property
+    def replay_lag(self) -> int:
+        """How many steps the buffered ids of a batch lag its step: the feeder runs
+        ``prefetch_queue_depth`` batches ahead of the consumer, plus :data:`REPLAY_LAG`."""
+        return self.prefetch_queue_depth + REPLAY_LAG
+
     def set_epoch(self, epoch: int) -> None:
         """Start the next iteration at ``epoch`` (e.g. when resuming from a checkpoint)."""
         self.epoch = epoch
@@ -153,11 +171,13 @@ class DaliMultiCropLoader:
         self._stop()
         device_id = None if self.device.type == "cpu" else (self.device.index or 0)
         self._feeder = _Feeder(self.files, self.config, self.batch_size, self.seed, self.shard_id,
-                               self.num_shards, self.epoch_length, self.epoch, self.debug)
+                               self.num_shards, self.epoch_length, self.epoch, self.debug, self.replay_ids,
+                               self.replay_lag)
+        rows = self.batch_size + (self.replay_ids.capacity if self.replay_ids is not None else 0)
         self._pipe = build_dali_pipeline(
-            self._feeder, self.config, self.batch_size, device_id=device_id, num_threads=self.num_threads,
+            self._feeder, self.config, rows, device_id=device_id, num_threads=self.num_threads,
             out_dtype=self.dtype, hw_decoder_load=self.hw_decoder_load,
-            prefetch_queue_depth=self.prefetch_queue_depth, debug=self.debug)
+            prefetch_queue_depth=self.prefetch_queue_depth, debug=self.debug, clean=self.clean_view)
         self._pipe.build()
         self._prefetch = _Prefetcher(self._pipe, self.device)
         self._finalizer = weakref.finalize(self, self._prefetch.close)
@@ -205,15 +225,16 @@ class DaliMultiCropLoader:
 
     def _convert(self, outputs: tuple[Any, ...]) -> MultiCropBatch:
         n = self.config.n_views
+        m = n + int(self.clean_view)  # the clean view follows the multi-crop views
         index = torch.from_numpy(np.array(outputs[0].as_tensor())).reshape(-1)
         boxes = torch.from_numpy(np.array(outputs[1].as_tensor()))
-        views = [_to_torch(outputs[2 + v]) for v in range(n)]
+        views = [_to_torch(outputs[2 + v]) for v in range(m)]
         if not self.zero_copy:
             views = [v.to(self.dtype) for v in views]  # no-op (no copy) when the dtypes agree
         params = None
         if self.debug:
-            params = params_dict(np.stack([np.array(outputs[2 + n + v].as_tensor()) for v in range(n)], axis=1))
-        return MultiCropBatch(views=views, index=index, boxes=boxes, params=params)
+            params = params_dict(np.stack([np.array(outputs[2 + m + v].as_tensor()) for v in range(n)], axis=1))
+        return MultiCropBatch(views=views, index=index, boxes=boxes, params=params, has_clean=self.clean_view)
 
 
 def _to_torch(tl: Any) -> torch.Tensor:

@@ -93,12 +93,13 @@ def _solarize(x: Any, p: Any) -> Any:
 
 def build_dali_pipeline(feeder: Any, config: MultiCropConfig, batch_size: int, *, device_id: int | None,
                         num_threads: int, out_dtype: torch.dtype, hw_decoder_load: float = 0.65,
-                        prefetch_queue_depth: int = 2, debug: bool = False) -> Any:
+                        prefetch_queue_depth: int = 2, debug: bool = False, clean: bool = False) -> Any:
     """The multi-crop DALI pipeline (built, not started).
 
     Outputs: index [B, 1] int64, boxes [B, 2, 4] int64, then one [B, 3, H, W] per view (CHW,
     normalised, :func:`pipeline_dtype`: float16 on GPU for a float16/bfloat16 ``out_dtype``, else
-    float32), then with ``debug`` the per-view parameter vectors. ``device_id=None`` gives a
+    float32), then with ``clean`` the clean view (the whole image resized to the global size, no flip,
+    no photometric op), then with ``debug`` the per-view parameter vectors. ``device_id=None`` gives a
     CPU-only pipeline.
 
     The dynamic executor (``exec_dynamic=True``, DALI's default since 1.4x, asked for explicitly):
@@ -149,6 +150,10 @@ def build_dali_pipeline(feeder: Any, config: MultiCropConfig, batch_size: int, *
             views.append(fn.crop_mirror_normalize(
                 x, mirror=fn.cast(p[_P["flip"]], dtype=types.INT32), mean=mean, std=std,
                 dtype=dali_dtype, output_layout="CHW"))
+        if clean:  # the seed's detector input: a plain resize of the whole image (as TF.resize(image, [G, G]))
+            whole = fn.resize(image, size=list(config.view_kinds()[0][2]), interp_type=types.INTERP_CUBIC,
+                              antialias=True, dtype=types.UINT8)
+            views.append(fn.crop_mirror_normalize(whole, mean=mean, std=std, dtype=dali_dtype, output_layout="CHW"))
         return (index, boxes, *views, *(params if debug else []))
 
     return multicrop()

@@ -12,7 +12,7 @@ import torch
 from oodfast.data.discover import DatasetFiles
 from oodfast.data.multicrop.config import MultiCropConfig
 from oodfast.data.multicrop.dali_loader import DaliMultiCropLoader, require_dali
-from oodfast.data.multicrop.plan import resolve_shard, steps_per_epoch
+from oodfast.data.multicrop.plan import ReplayIds, resolve_shard, steps_per_epoch
 from oodfast.devices import resolve_device
 
 BACKENDS: tuple[str, ...] = ("dali", "paper", "torch")
@@ -34,6 +34,8 @@ def multicrop_loader(
     num_workers: int | None = None,
     debug: bool = False,
     zero_copy: bool = False,
+    clean_view: bool = False,
+    replay_ids: ReplayIds | None = None,
     **backend_options: Any,
 ) -> Any:
     """An iterable of :class:`MultiCropBatch` es: one pass = one epoch of ``len(loader)`` batches.
@@ -60,6 +62,11 @@ def multicrop_loader(
             CPU), valid until the next batch is requested, and the consumer's ``copy_`` does the one
             dtype conversion. The torch and paper backends build fresh tensors in the config's
             dtype for every batch, which already satisfies that contract, so they ignore it.
+        clean_view: also yield the clean view (the whole image resized to the global size, no flip, no
+            photometric op) as the last of ``views`` (``batch.clean``): what a rarity detector scores.
+        replay_ids: the re-augmenting replay (DALI / torch): each batch also carries the C buffered
+            images whose ids ``replay_ids.at(step - loader.replay_lag)`` gives, decoded and augmented
+            afresh, as rows [B, B + C) of every field.
         backend_options: DALI: ``hw_decoder_load`` (share of JPEG decoding on the hardware
             decoder, default 0.65), ``prefetch_queue_depth`` (default 2: batches decoded ahead of
             the one the consumer holds, by a background thread; see :class:`DaliMultiCropLoader`).
@@ -81,6 +88,9 @@ def multicrop_loader(
     shard_id, num_shards = resolve_shard(shard_id, num_shards)
     dev = resolve_device(device)  # NoGPUError (a ValueError naming the device) for CUDA without a GPU
     _check_backend_options(backend, debug, backend_options)
+    if replay_ids is not None and backend == "paper":
+        raise ValueError("replay ids (--replay-store ids) need backend 'dali' or 'torch': the paper's loader "
+                         "(--aug paper) cannot re-augment buffered images; use --replay-store crops or another --aug")
     if steps_per_epoch(len(paths), batch_size, num_shards, epoch_length) == 0:
         raise ValueError(f"{len(paths) if epoch_length is None else epoch_length} images per epoch make no "
                          f"batch of {batch_size} on each of {num_shards} shard(s); lower batch_size or "
@@ -89,14 +99,17 @@ def multicrop_loader(
     if backend == "dali":
         require_dali()
         return DaliMultiCropLoader(paths, config, batch_size, num_threads=num_workers, debug=debug,
-                                   zero_copy=zero_copy, **common, **backend_options)
+                                   zero_copy=zero_copy, clean_view=clean_view, replay_ids=replay_ids, **common,
+                                   **backend_options)
     if backend == "paper":
         from oodfast.data.multicrop.paper_loader import PaperMultiCropLoader  # lazy: torchvision, PIL
 
-        return PaperMultiCropLoader(paths, config, batch_size, num_workers=num_workers, **common)
+        return PaperMultiCropLoader(paths, config, batch_size, num_workers=num_workers, clean_view=clean_view,
+                                    **common)
     from oodfast.data.multicrop.torch_loader import TorchMultiCropLoader  # lazy: torchvision
 
-    return TorchMultiCropLoader(paths, config, batch_size, debug=debug, **common)
+    return TorchMultiCropLoader(paths, config, batch_size, debug=debug, clean_view=clean_view,
+                                replay_ids=replay_ids, **common)
 
 
 DALI_OPTIONS = frozenset({"hw_decoder_load", "prefetch_queue_depth"})

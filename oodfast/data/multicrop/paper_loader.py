@@ -72,11 +72,14 @@ class BoxedRandomResizedCrop(transforms.RandomResizedCrop):
 
 
 class DataAugmentationDINO:
-    """The paper's per-image multi-crop on a PIL image -> (list of [3, H, W] float32, [2, 4] boxes)."""
+    """The paper's per-image multi-crop on a PIL image -> (list of [3, H, W] float32, [2, 4] boxes);
+    with ``clean_view`` the list ends with the whole image resized to the global size (bicubic), with no
+    flip or photometric op (what the other backends' clean view is)."""
 
-    def __init__(self, config: MultiCropConfig) -> None:
-        self.config = config
+    def __init__(self, config: MultiCropConfig, clean_view: bool = False) -> None:
+        self.config, self.clean_view = config, clean_view
         normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(config.mean, config.std)])
+        self.normalize = normalize
         self.views = []
         for _, aug, size, scale in config.view_kinds():
             crop = BoxedRandomResizedCrop(size, scale=scale, ratio=config.ratio,
@@ -104,6 +107,9 @@ class DataAugmentationDINO:
             img, box = crop(image)
             crops.append(photometric(img))
             boxes.append(box)
+        if self.clean_view:
+            size = list(self.config.view_kinds()[0][2])
+            crops.append(self.normalize(F.resize(image, size, InterpolationMode.BICUBIC, antialias=True)))
         return crops, torch.tensor(boxes[: self.config.n_global], dtype=torch.int64)
 
 
@@ -166,14 +172,15 @@ class PaperMultiCropLoader:
 
     def __init__(self, files: Sequence[Path], config: MultiCropConfig, batch_size: int, *,
                  device: torch.device, seed: int, shard_id: int, num_shards: int,
-                 epoch_length: int | None, num_workers: int | None = None) -> None:
+                 epoch_length: int | None, num_workers: int | None = None, clean_view: bool = False) -> None:
         self.files, self.config, self.batch_size = list(files), config, batch_size
         self.device, self.seed = device, seed
         self.shard_id, self.num_shards, self.epoch_length = shard_id, num_shards, epoch_length
         self.num_workers = len(os.sched_getaffinity(0)) if num_workers is None else num_workers
         self.dtype = config.torch_dtype(device)
         self.epoch = 0
-        self.dataset = _Images(self.files, DataAugmentationDINO(config))
+        self.clean_view = clean_view
+        self.dataset = _Images(self.files, DataAugmentationDINO(config, clean_view))
 
     def __len__(self) -> int:
         return steps_per_epoch(len(self.files), self.batch_size, self.num_shards, self.epoch_length)
@@ -201,5 +208,5 @@ class PaperMultiCropLoader:
                 raise _worker_error(e) from None
             yield MultiCropBatch(
                 views=[v.to(self.device, self.dtype, non_blocking=True) for v in views],
-                index=index.to(torch.int64), boxes=boxes)
+                index=index.to(torch.int64), boxes=boxes, has_clean=self.clean_view)
         self.epoch += 1

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -30,12 +32,60 @@ class MultiCropBatch:
             pixels (CPU).
         params: with ``debug=True`` (DALI / torch), the host-drawn decisions: a dict of numpy arrays
             [B, n_views, ...] (see :data:`PARAM_FIELDS`); else None.
+        has_clean: the loader was built with ``clean_view=True``: ``views`` ends with one more tensor,
+            the clean view [B, 3, G, G] (:attr:`clean`). Riding in ``views``, it reaches whatever a
+            consumer copies the views into.
+
+    With ``replay_ids`` (the re-augmenting replay), every field holds B + C rows: the B new images,
+    then C buffered ones, decoded and augmented afresh (their ``index`` from the ring).
     """
 
     views: list[torch.Tensor]
     index: torch.Tensor
     boxes: torch.Tensor
     params: dict[str, np.ndarray] | None = None
+    has_clean: bool = False
+
+    @property
+    def clean(self) -> torch.Tensor | None:
+        """The clean view [B, 3, G, G]: the whole image resized to the global crop size, with no flip and
+        no photometric op (what a detector scores, so a score depends on the image alone), or None."""
+        return self.views[-1] if self.has_clean else None
+
+    @property
+    def crops(self) -> list[torch.Tensor]:
+        """The multi-crop views alone (global first), without the clean view."""
+        return self.views[:-1] if self.has_clean else self.views
+
+
+class ReplayIds(Protocol):
+    """Where a loader reads the ids of the buffered images it re-augments (the ``ids`` replay store):
+    ``capacity`` C and ``at(step)``, int64 [C] ring ids as published after training step ``step``
+    (-1: an empty slot), from any thread, never waiting for the device."""
+
+    capacity: int
+
+    def at(self, step: int) -> np.ndarray: ...
+
+
+#: A batch of global step g re-augments the ring ids published after step ``g - (prefetch depth +
+#: REPLAY_LAG)``: the trainer reads step t - 1's scalars once step t is enqueued, so that step's copy of
+#: the ids (enqueued before its scalars) has completed when the loader is asked for batch t + 1, and
+#: the batch is the same on the CPU and the GPU, whatever the timing.
+REPLAY_LAG = 2
+
+
+def buffered_ids(source: ReplayIds, step: int, lag: int, new: Sequence[int]) -> np.ndarray:
+    """The C ids a batch of global step ``step`` re-augments: ``source.at(step - lag)``, an empty slot
+    (-1) taking a new image of the batch (``new`` [B]) instead, so every row is an image."""
+    ids = np.asarray(source.at(step - lag), np.int64).reshape(-1)
+    if len(ids) != source.capacity:
+        raise ValueError(f"replay ids: expected {source.capacity} ring ids, got {len(ids)}")
+    empty = ids < 0
+    if empty.any():
+        ids = ids.copy()
+        ids[empty] = np.asarray(new, np.int64)[np.flatnonzero(empty) % len(new)]
+    return ids
 
 
 #: Columns of the per-view parameter vector fed to the DALI pipeline (float32 [len(PARAM_FIELDS)]).
@@ -90,9 +140,11 @@ def epoch_plan(n_files: int, batch_size: int, *, seed: int, epoch: int, shard_id
     return order.reshape(steps * num_shards, batch_size)[shard_id::num_shards].astype(np.int64)
 
 
-def batch_rng(seed: int, epoch: int, shard_id: int, step: int) -> np.random.Generator:
-    """The generator of every random decision of one batch."""
-    return np.random.default_rng(np.random.SeedSequence([seed, epoch, shard_id, step]))
+def batch_rng(seed: int, epoch: int, shard_id: int, step: int, stream: int = 0) -> np.random.Generator:
+    """The generator of every random decision of one batch; ``stream`` 1 draws the buffered rows' of
+    the re-augmenting replay (so the new images' decisions are those of a batch without them)."""
+    key = [seed, epoch, shard_id, step] + ([stream] if stream else [])
+    return np.random.default_rng(np.random.SeedSequence(key))
 
 
 def resized_crop_boxes(rng: np.random.Generator, heights: np.ndarray, widths: np.ndarray,
@@ -181,3 +233,15 @@ def params_dict(params: np.ndarray) -> dict[str, np.ndarray]:
     """Named view of parameter vectors [B, V, F]: field -> [B, V]."""
     return {name: params[..., i] for i, name in enumerate(PARAM_FIELDS)}
 
+
+
+def batch_params(seed: int, epoch: int, shard_id: int, step: int, heights: np.ndarray, widths: np.ndarray,
+                 config: MultiCropConfig, new: int) -> np.ndarray:
+    """:func:`sample_view_params` of one batch whose first ``new`` rows are its new images and the rest
+    (if any) buffered ones: those draw from their own stream, so the new rows' decisions do not depend
+    on whether buffered rows ride along. float32 [rows, n_views, len(PARAM_FIELDS)]."""
+    params = sample_view_params(batch_rng(seed, epoch, shard_id, step), heights[:new], widths[:new], config)
+    if len(heights) == new:
+        return params
+    extra = sample_view_params(batch_rng(seed, epoch, shard_id, step, stream=1), heights[new:], widths[new:], config)
+    return np.concatenate([params, extra])

@@ -33,12 +33,14 @@ from oodfast.data.multicrop.config import MultiCropConfig
 from oodfast.data.multicrop.files import CHECK_HINT, MultiCropDataError, image_size, read_file_bytes
 from oodfast.data.multicrop.plan import PARAM_INDEX as _P
 from oodfast.data.multicrop.plan import (
+    REPLAY_LAG,
     MultiCropBatch,
-    batch_rng,
+    ReplayIds,
+    batch_params,
     boxes_from_params,
+    buffered_ids,
     epoch_plan,
     params_dict,
-    sample_view_params,
     steps_per_epoch,
 )
 
@@ -139,6 +141,15 @@ def augment_view(images: Sequence[torch.Tensor], p: torch.Tensor, size: tuple[in
     return (x - mean) / std
 
 
+def clean_view(images: Sequence[torch.Tensor], size: tuple[int, int], config: MultiCropConfig) -> torch.Tensor:
+    """The clean view of B decoded uint8 images: each whole image resized to ``size`` (bicubic,
+    antialias), no flip, no photometric op, normalised: [B, 3, height, width] float32."""
+    x = torch.stack([F.resize(img, list(size), InterpolationMode.BICUBIC, antialias=True) for img in images])
+    mean = torch.tensor(config.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(config.std, device=x.device).view(1, 3, 1, 1)
+    return (x.float().div_(255.0) - mean) / std
+
+
 def _decode_one(data: torch.Tensor, path: Path) -> torch.Tensor:
     """One encoded image -> uint8 [3, H, W] on the CPU, with DALI's values for every mode.
 
@@ -162,13 +173,21 @@ def _decode_one(data: torch.Tensor, path: Path) -> torch.Tensor:
 
 
 class TorchMultiCropLoader:
-    """Multi-crop with torchvision.io decode and batched tensor ops (see the module doc)."""
+    """Multi-crop with torchvision.io decode and batched tensor ops (see the module doc).
+
+    Batches are made when asked for, on the consumer's thread (no prefetch): with ``replay_ids`` the
+    buffered ids of batch g are those published after step ``g - REPLAY_LAG`` (:attr:`replay_lag`).
+    """
+
+    replay_lag = REPLAY_LAG
 
     def __init__(self, files: Sequence[Path], config: MultiCropConfig, batch_size: int, *,
                  device: torch.device, seed: int, shard_id: int, num_shards: int,
-                 epoch_length: int | None, debug: bool = False) -> None:
+                 epoch_length: int | None, debug: bool = False, clean_view: bool = False,
+                 replay_ids: ReplayIds | None = None) -> None:
         self.files, self.config, self.batch_size = list(files), config, batch_size
         self.device, self.seed, self.debug = device, seed, debug
+        self.clean_view, self.replay_ids = clean_view, replay_ids
         self.shard_id, self.num_shards, self.epoch_length = shard_id, num_shards, epoch_length
         self.dtype = config.torch_dtype(device)
         self.epoch = 0
@@ -198,14 +217,20 @@ class TorchMultiCropLoader:
         plan = epoch_plan(len(self.files), self.batch_size, seed=self.seed, epoch=epoch, shard_id=self.shard_id,
                           num_shards=self.num_shards, epoch_length=self.epoch_length)
         sigma_max = max(a.blur_sigma[1] for a in (self.config.global1, self.config.global2, self.config.local))
-        for step, idx in enumerate(plan):
+        for step, new in enumerate(plan):
+            idx = new
+            if self.replay_ids is not None:
+                idx = np.concatenate([new, buffered_ids(self.replay_ids, epoch * len(plan) + step, self.replay_lag,
+                                                        new)])
             images, hw = self._decode(idx)
-            params = sample_view_params(batch_rng(self.seed, epoch, self.shard_id, step), hw[:, 0], hw[:, 1],
-                                        self.config)
+            params = batch_params(self.seed, epoch, self.shard_id, step, hw[:, 0], hw[:, 1], self.config, len(new))
             p_dev = torch.from_numpy(params).to(self.device)
+            kinds = self.config.view_kinds()
             views = [augment_view(images, p_dev[:, v], size, self.config, sigma_max, params[:, v]).to(self.dtype)
-                     for v, (_, _, size, _) in enumerate(self.config.view_kinds())]
+                     for v, (_, _, size, _) in enumerate(kinds)]
+            if self.clean_view:
+                views.append(clean_view(images, kinds[0][2], self.config).to(self.dtype))
             yield MultiCropBatch(views=views, index=torch.from_numpy(idx.copy()),
                                  boxes=torch.from_numpy(boxes_from_params(params[:, : self.config.n_global])),
-                                 params=params_dict(params) if self.debug else None)
+                                 params=params_dict(params) if self.debug else None, has_clean=self.clean_view)
         self.epoch = epoch + 1
