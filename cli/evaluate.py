@@ -158,7 +158,17 @@ def evaluate() -> None:
 
 @evaluate.command()
 @_data_options
-@click.option("--detectors", callback=_detectors, default=None, help="Subset of random,euclidean,cosine,mahalanobis,knn.")
+@click.option("--detectors", callback=_detectors, default=None,
+              help="Detectors, comma-separated: random, euclidean (the paper's), cosine, mahalanobis, knn, and the dense "
+                   "dense-euclidean, dense-cosine, dense-mahalanobis, dense-knn [default: the five pooled ones].")
+@click.option("--layer", type=click.Choice(["layer2", "layer3", "layer4", "tokens"]), default=None,
+              help="Feature map of the dense-* detectors: a ResNet stage, or a ViT's patch tokens "
+                   "[default: layer3, tokens for a ViT --arch].")
+@click.option("--min-object-pixels", type=click.IntRange(min=1), default=None,
+              help="Pixels of a rare object (at the crop's --crop-size) inside a crop for the object to count "
+                   "for that crop in the per-object recall (16).")
+@click.option("--bootstrap", type=click.IntRange(min=10), default=None,
+              help="Resamples of the image-level bootstrap intervals (1000).")
 @click.option("--calib-sizes", callback=csv_of(int, low=2), default=None, help="Calibration crop counts (paper: 256,1024).")
 @click.option("--percentiles", callback=csv_of(float, low=0, high=1, low_open=True, high_open=True), default=None,
               help="Threshold percentiles (0.99,0.95,0.90,0.80).")
@@ -166,20 +176,32 @@ def evaluate() -> None:
 @click.option("--seeds", callback=csv_of(int, low=0), default=None, help="Crop seeds pooled (0,1,2).")
 @click.option("--eval-images", type=click.IntRange(min=1), default=None, help="Val images to use [default: all].")
 @click.option("--crop-size", type=click.IntRange(min=8), default=None, help="Global crop size (224).")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Precision-recall plot (PNG; needs matplotlib).")
+@click.option("--pr-png", "--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Precision-recall curves as a PNG (drawn with Pillow; also spelled --plot).")
 @report_options
-def detect(device, data, data_root, arch, encoder_source, checkpoint_key, patch_size, detectors, calib_sizes,
-           percentiles, tau, seeds, eval_images, crop_size, plot_path, json_path, markdown_path) -> None:
-    """The paper's detection table on a BDD10K-layout dataset, every detector, with intervals."""
-    from oodfast.bench import require_matplotlib
+def detect(device, data, data_root, arch, encoder_source, checkpoint_key, patch_size, detectors, layer,
+           min_object_pixels, bootstrap, calib_sizes, percentiles, tau, seeds, eval_images, crop_size, plot_path,
+           json_path, markdown_path) -> None:
+    """The paper's detection table on a BDD10K-layout dataset, every detector, with image-level intervals
+    and per-object recall.
+
+    Example (dense detectors on resnet50's layer3): oodfast evaluate detect --pretrained_weights
+    dino_resnet50_pretrain.pth --detectors euclidean,dense-euclidean,dense-knn --layer layer3 --pr-png pr.png
+    """
+    from oodfast.encoders import is_vit
     from oodfast.evaluate.detect import DetectEvalConfig, detection_markdown, evaluate_detection, plot_pr
     from oodfast.report import write_report
 
+    if layer is None:
+        layer = "tokens" if is_vit(arch) else "layer3"
+    elif (layer == "tokens") != is_vit(arch):
+        fix = "--layer tokens" if is_vit(arch) else "--layer layer2, layer3 or layer4"
+        raise click.UsageError(f"--layer {layer} does not fit --arch {arch} (a ResNet's maps are its stages, a ViT's "
+                               f"its patch tokens); use {fix}")
     overrides = {k: v for k, v in dict(detectors=detectors, calib_sizes=calib_sizes, percentiles=percentiles, tau=tau,
-                                       seeds=seeds, eval_images=eval_images, crop_size=crop_size).items() if v is not None}
-    if plot_path:
-        require_matplotlib()
+                                       seeds=seeds, eval_images=eval_images, crop_size=crop_size, layer=layer,
+                                       min_object_pixels=min_object_pixels, bootstrap=bootstrap).items()
+                 if v is not None}
     config = DetectEvalConfig(**overrides)
     patch = _check_patches(arch, patch_size, **{"--crop-size": config.crop_size})
     check_report_paths(json_path, markdown_path, plot_path)

@@ -29,6 +29,41 @@ def test_evaluate_detect_writes_the_table(root, tmp_path):
     assert "| euclidean | 8 | 0.8 |" in (tmp_path / "d.md").read_text()
 
 
+def test_evaluate_detect_dense_with_pr_png(root, tmp_path):
+    """A dense detector on the default layer3, per-object recall, image-level intervals, the Pillow PR plot."""
+    from PIL import Image
+
+    result = CliRunner().invoke(main, [
+        "evaluate", "detect", "--data", "bdd10k", "--data-root", str(root), "--encoder", "random", "--arch", "resnet18",
+        "--calib-sizes", "8", "--percentiles", "0.8", "--seeds", "0", "--crop-size", "32", "--bootstrap", "50",
+        "--detectors", "euclidean,dense-euclidean", "--min-object-pixels", "1", "--pr-png", str(tmp_path / "pr.png"),
+        "--json", str(tmp_path / "d.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "d.json").read_text())
+    assert [r["detector"] for r in report["rows"]] == ["euclidean", "dense-euclidean"]
+    assert report["config"]["layer"] == "layer3" and report["config"]["min_object_pixels"] == 1
+    dense = report["rows"][1]
+    assert 0.0 <= dense["auroc"] <= 1.0 and len(dense["auroc_ci"]) == 2 and "all" in dense["object_recall"]
+    assert "over images, not crops" in result.output and "| dense-euclidean | 8 | 0.8 |" in result.output
+    assert Image.open(tmp_path / "pr.png").size[0] > 100
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--layer", "tokens"], ["--layer tokens does not fit --arch resnet18", "layer3"]),
+    (["--layer", "layer9"], ["'--layer'", "'layer9'"]),
+    (["--detectors", "dense-psychic"], ["'--detectors'", "dense-psychic", "dense-knn"]),
+    (["--min-object-pixels", "0"], ["'--min-object-pixels'"]),
+])
+def test_evaluate_detect_bad_dense_flags_are_one_line(root, args, words):
+    result = CliRunner().invoke(main, ["evaluate", "detect", "--data", "bdd10k", "--data-root", str(root),
+                                       "--arch", "resnet18", *args])
+    assert result.exit_code == 2, result.output
+    out = [line for line in result.output.splitlines() if line.strip()]
+    assert len(out) == 1 and out[0].startswith("oodfast: error: "), result.output
+    for w in words:
+        assert w in out[0], out[0]
+
+
 def test_evaluate_represent_runs(root, tmp_path):
     result = CliRunner().invoke(main, [
         "evaluate", "represent", "--data", "bdd10k", "--data-root", str(root), "--encoder", "random",
