@@ -12,10 +12,16 @@ Targets (the bounds ``oodfast bench`` judges are in oodfast/bench/targets.py): e
 in microseconds eagerly and in a CUDA graph, B=65536 near the copy bandwidth, mahalanobis B=1024 in
 tens of microseconds, knn against a 100k bank >= 1M queries/s; on the CPU the torch path >= 100x the
 paper's path at B=1024, D=2048.
+
+Dense (``test_dense_enqueue``, :mod:`oodfast.dense`): score + enqueue of B = 32 channels_last maps of
+14 x 14 positions at D = 256 / 1024, per position (the max over 196 positions, fused for euclidean;
+kNN against a 4096-row coreset) vs pooled (the mean over positions, then the pooled detector). Both
+start from the map, so pooled includes its pooling; ``achieved_gbps`` counts the map read once.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -24,6 +30,8 @@ import pytest
 import torch
 
 from oodfast.bench.harness import copy_bandwidth_gbps, cuda_graphed, sync
+from oodfast.buffer import RareRing
+from oodfast.dense import DenseRareDetector
 from oodfast.detect import DetectorConfig, RareDetector
 from oodfast.devices import default_device
 from oodfast.kernels.rare_enqueue import rare_score_torch
@@ -50,7 +58,7 @@ def fitted(metric: str) -> RareDetector:
     return det
 
 
-def run(benchmark, fn, B: int, bandwidth: float | None) -> None:
+def run(benchmark, fn, B: int, bandwidth: float | None, nbytes: int | None = None) -> None:
     """Time ``fn`` in rounds of back-to-back calls lasting >= 2 ms, synchronised once per round (a
     microsecond GPU call timed alone measures its launch and sync). ``extra_info`` is per call; the
     benchmark table's times are per round of ``calls_per_round`` calls."""
@@ -69,8 +77,9 @@ def run(benchmark, fn, B: int, bandwidth: float | None) -> None:
 
     benchmark.pedantic(timed, rounds=20 if B <= 8192 else 10, warmup_rounds=1)
     seconds = benchmark.stats.stats.median / calls
+    nbytes = B * D * torch.tensor([], dtype=DTYPE).element_size() if nbytes is None else nbytes
     benchmark.extra_info.update(rows_per_s=B / seconds, us_per_call=seconds * 1e6, calls_per_round=calls,
-                                achieved_gbps=B * D * torch.tensor([], dtype=DTYPE).element_size() / seconds / 1e9,
+                                achieved_gbps=nbytes / seconds / 1e9,
                                 device=torch.cuda.get_device_name() if ON_GPU else "cpu")
     if bandwidth:
         benchmark.extra_info.update(copy_gbps=bandwidth,
@@ -114,3 +123,40 @@ def test_fused(benchmark, metric, B, graphed, copy_bandwidth):
     benchmark.group = f"{metric} B={B}"
     fn = lambda: det.score(x, out=out)  # noqa: E731
     run(benchmark, cuda_graphed(fn, DEVICE) if graphed else fn, B, copy_bandwidth)
+
+
+DENSE_B, DENSE_SIDE = 32, 14  # 14 x 14: a ResNet's layer3 (or a ViT-S/16's tokens) at 224 x 224
+
+
+@functools.cache
+def fitted_dense(kind: str, metric: str, dim: int) -> RareDetector:
+    """A detector calibrated on 64 images' maps (pooled: their mean over positions)."""
+    calib = torch.randn(64, DENSE_SIDE, DENSE_SIDE, dim, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    config = DetectorConfig(metric=metric)
+    if kind == "pooled":
+        det = RareDetector(dim, config, device=DEVICE)
+        det.fit(calib.mean((1, 2)))
+    else:
+        det = DenseRareDetector(dim, config, coreset=4096, device=DEVICE)
+        det.fit(calib.permute(0, 3, 1, 2))  # [n, D, h, w], channels_last
+    return det
+
+
+@pytest.mark.parametrize("kind", ["pooled", "dense"])
+@pytest.mark.parametrize("metric", ["euclidean", "knn"])
+@pytest.mark.parametrize("dim", [256, 1024])
+def test_dense_enqueue(benchmark, kind, metric, dim, copy_bandwidth):
+    """Score + enqueue of B = 32 maps [32, dim, 14, 14] (channels_last, DTYPE): per position vs pooled."""
+    det = fitted_dense(kind, metric, dim)
+    fmap = torch.randn(DENSE_B, dim, DENSE_SIDE, DENSE_SIDE, device=DEVICE, dtype=DTYPE)
+    fmap = fmap.contiguous(memory_format=torch.channels_last)
+    ring = RareRing(32, [(1, (1,))], batch_size=DENSE_B).to(DEVICE)
+    ids, step = torch.arange(DENSE_B, device=DEVICE), torch.zeros((), dtype=torch.int64, device=DEVICE)
+    scores = torch.empty(DENSE_B, device=DEVICE)
+    slots = torch.empty(DENSE_B, dtype=torch.int32, device=DEVICE)
+    if kind == "pooled":
+        fn = lambda: det.enqueue(fmap.mean((2, 3)), ring, ids, step, scores=scores, slots=slots)  # noqa: E731
+    else:
+        fn = lambda: det.enqueue(fmap, ring, ids, step, scores=scores, slots=slots)  # noqa: E731
+    benchmark.group = f"dense {metric} B={DENSE_B}x{DENSE_SIDE}x{DENSE_SIDE} D={dim}"
+    run(benchmark, fn, DENSE_B, copy_bandwidth, nbytes=fmap.numel() * fmap.element_size())

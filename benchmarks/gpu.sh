@@ -22,7 +22,8 @@
 # STEM is OUT/<gpu>-<date>; STEM-gpu.log holds all output, STEM-sections.tsv each section's time and status.
 # GPU_SECTIONS="detect step" runs setup and those only (a rerun on a warm machine merges into the report
 # of the previous call, which gpu.sh keeps in /tmp/oodfast-gpu). GPU_SECTIONS=suites adds the
-# pytest-benchmark suites (not in the 8 minutes) -> STEM-pytest-benchmark.json.
+# pytest-benchmark suites (not in the 8 minutes; all of benchmarks/, so the dense cases of bench_detect.py,
+# test_dense_enqueue, too; GPU_SUITES="-k dense" narrows them) -> STEM-pytest-benchmark.json.
 # Exit status: 0 when every section ran and passed; 1 if one failed or hit its cap; 2 without a GPU;
 # 3 when all that ran passed but the aug stage was skipped.
 set -uo pipefail
@@ -128,8 +129,10 @@ section_detect() { python3 -P -m oodfast.bench.gpu bench "$STEM" detect,ring; }
 section_aug() { python3 -P -m oodfast.bench.gpu bench "$STEM" aug; }
 section_step() { python3 -P -m oodfast.bench.gpu bench "$STEM" step; }
 section_suites() {
+    local extra=()
+    read -ra extra <<<"${GPU_SUITES:-}"  # e.g. GPU_SUITES="-k dense": pytest arguments that select cases
     OODFAST_BENCH_DEVICE=cuda python3 -P -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
-        --benchmark-json "$STEM-pytest-benchmark.json"
+        --benchmark-json "$STEM-pytest-benchmark.json" "${extra[@]}"
 }
 
 # ---- the plan: each default section and its cap (tests/test_gpu_script.py reads it; needs no GPU) ---

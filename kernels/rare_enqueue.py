@@ -425,22 +425,23 @@ def rare_score_torch(x: torch.Tensor, center: torch.Tensor, proj: torch.Tensor, 
                          alpha: torch.Tensor, metric: int) -> torch.Tensor:
     """Scores [B] fp32 of ``x`` [B, D] or [V, B, D] (the max over views; see the module docstring).
 
-    NaN for an image with a non-finite element in any view (or a score that overflows fp32).
+    NaN for an image with a non-finite element in any view (or a score that overflows fp32). All
+    views in one pass (a dense map's 196 positions are 196 views: no per-view loop).
     """
-    if x.dim() == 3:
-        return torch.stack([rare_score_torch(xv, center, proj, coef, alpha, metric) for xv in x]).amax(0)
     x = x.float()
     if metric == SCORE:
-        score = x[:, 0].clone()
+        score = x[..., 0].clone()
     elif metric == COSINE:
-        score = 1.0 - (x @ center) / x.norm(dim=1)
+        score = 1.0 - (x @ center) / x.norm(dim=-1)
     elif metric == EUCLIDEAN:
-        score = (x - center).norm(dim=1)
+        score = (x - center).norm(dim=-1)
     else:
         d = x - center
-        score = (alpha * (d * d).sum(1) + ((d @ proj.T) ** 2 * coef).sum(1)).clamp_min(0).sqrt()
-    # A non-finite element makes the score NaN or inf (as does overflow): one check on [B], not on [B, D].
-    return torch.where(torch.isfinite(score), score, float("nan"))
+        score = (alpha * (d * d).sum(-1) + ((d @ proj.T) ** 2 * coef).sum(-1)).clamp_min(0).sqrt()
+    # A non-finite element makes the score NaN or inf (as does overflow): one check on [V, B], not on
+    # [V, B, D]; amax over views keeps a NaN, so an image with one bad view scores NaN.
+    score = torch.where(torch.isfinite(score), score, float("nan"))
+    return score.amax(0) if score.dim() == 2 else score
 
 
 def rare_enqueue_torch(x, center, proj, coef, alpha, threshold, sample_ids, step, scores, slots,
