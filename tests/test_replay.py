@@ -79,3 +79,86 @@ def test_modes_share_one_flag_rate_and_frozen_needs_weights():
     assert str(info.value) == FROZEN_WEIGHTS_HELP
     with pytest.raises(ValueError, match="replay mode must be"):
         Replay.build("sometimes", **kw)
+
+
+def _teacher(dim_out: int = 16):
+    """A DINO teacher as training holds it: a ResNet trunk with BatchNorm, in train mode."""
+    from oodfast.encoders import build_backbone
+    from oodfast.train.head import DINOHead, MultiCropWrapper
+
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("resnet18")
+    return MultiCropWrapper(backbone, DINOHead(dim, dim_out)).train(), dim
+
+
+def _scoring_replay(dim: int, encoder=None, batch: int = 4) -> Replay:
+    ring = RareRing.for_multicrop(C, global_size=32, local_crops_number=1, local_size=16, batch_size=batch)
+    return Replay(ring, RareDetector(dim, DetectorConfig(percentile=0.5)), encoder=encoder)
+
+
+@pytest.mark.parametrize("source", ["teacher", "frozen"])
+def test_an_image_scores_the_same_inside_any_batch(source):
+    """The detector embeds the clean view with the scoring module in eval mode: BatchNorm uses its
+    running statistics, so one image's score does not depend on its batch-mates (in train mode it
+    does), and the teacher is back in train mode afterwards."""
+    from torchvision import models
+
+    teacher, dim = _teacher()
+    encoder = None
+    if source == "frozen":
+        torch.manual_seed(1)
+        encoder = models.resnet18()
+        encoder.fc = torch.nn.Identity()
+        encoder.eval().requires_grad_(False)
+    r = _scoring_replay(dim, encoder)
+    torch.manual_seed(2)
+    r.calibrate(r.embed(torch.randn(16, 3, 32, 32), teacher))
+    image = torch.randn(1, 3, 32, 32)
+    scores = []
+    for mates in (torch.randn(3, 3, 32, 32), 5.0 * torch.randn(3, 3, 32, 32) + 2.0):
+        r.clean.copy_(torch.cat([mates[:1], image, mates[1:]]))
+        scores.append(r.detector.score(r.step_input(teacher))[1])
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-4, atol=1e-4)
+    assert teacher.training and all(m.training for m in teacher.modules())
+    if source == "teacher":  # the same image in train mode: its batch-mates move its features
+        with torch.no_grad():
+            a = teacher.forward_backbone(torch.cat([image, torch.randn(3, 3, 32, 32)]))[0]
+            b = teacher.forward_backbone(torch.cat([image, 5.0 * torch.randn(3, 3, 32, 32) + 2.0]))[0]
+        assert not torch.allclose(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_the_detector_embeds_the_staged_clean_rows_not_the_crops():
+    """Stage a batch whose views end with the clean view: the detector's input is the clean rows' own
+    embedding (and the score detectors' input a placeholder)."""
+    teacher, dim = _teacher()
+    r = _scoring_replay(dim)
+    n = r.B
+    globals_ = [torch.randn(n, 3, 32, 32), torch.randn(n, 3, 32, 32)]
+    clean = torch.randn(n, 3, 32, 32)
+    r.stage([*globals_, torch.randn(n, 3, 16, 16), clean], torch.arange(n))
+    assert torch.equal(r.clean, clean) and torch.equal(r.views()[0][:n], globals_[0])
+    got = r.step_input(teacher)
+    assert got.shape == (1, n, dim)
+    torch.testing.assert_close(got, r.embed(clean, teacher))
+    assert not torch.allclose(got, r.embed(globals_[0], teacher))
+    rand = Replay(RareRing.for_multicrop(C, global_size=4, local_crops_number=1, local_size=2, batch_size=B),
+                  RandomDetector(0.5))
+    assert rand.clean is None and rand.step_input(None).shape == (B, 1)
+
+
+def test_host_ring_ids_give_the_copy_published_at_or_before_a_step_else_the_seed():
+    ring = RareRing.for_multicrop(C, global_size=4, local_crops_number=1, local_size=2, batch_size=B)
+    r = Replay(ring, RandomDetector(0.5), store="ids")
+    ring.ring_ids.copy_(torch.tensor([7, 8, 9]))
+    r.host_ids.reset()  # as warm-up leaves it
+    assert r.host_ids.at(-5).tolist() == [7, 8, 9]
+    for step in range(40):  # more steps than the host keeps
+        ring.ring_ids.fill_(100 + step)
+        r.publish(step)
+    assert r.host_ids.at(39).tolist() == [139] * C and r.host_ids.at(30).tolist() == [130] * C
+    assert r.host_ids.at(100).tolist() == [139] * C  # nothing later: the newest
+    r.load_state_dict({"ring": ring.state_dict()})  # a resume seeds with the restored ring
+    assert r.host_ids.at(0).tolist() == [139] * C
+    assert Replay(ring, RandomDetector(0.5)).host_ids is None
+    with pytest.raises(ValueError, match=r"--replay-store\) must be crops or ids, got 'pixels'"):
+        Replay(ring, RandomDetector(0.5), store="pixels")

@@ -122,6 +122,8 @@ def test_dinos_readme_resnet50_command_builds_a_run(monkeypatch, tmp_path):
     (["--epoch_length", "64"], "epoch_length", 64), (["--no_compile"], "compile", False),
     (["--no_ood"], "replay", "none"), (["--data_root", "R"], "data_root", "R"),
     (["--detector", "frozen", "--detector_weights", "-"], "detector_weights", "-"),
+    ([], "replay_store", "crops"), (["--replay-store", "ids"], "replay_store", "ids"),
+    (["--replay_store", "ids", "--aug", "torch"], "replay_store", "ids"),
 ])
 def test_dino_flags_and_underscore_spellings_reach_the_config(record, tmp_path, args, field, value):
     if field == "pretrained_weights" or field == "detector_weights":  # an existing, valid checkpoint file
@@ -164,6 +166,8 @@ def test_dinos_launcher_flags_are_accepted_and_a_consistent_local_rank_ignored(r
     (["--buffer_size", "0"], ["--buffer_size must be"]),
     (["--drop_path_rate", "1.5"], ["--drop_path_rate must be"]),
     (["--global_crops_scale", "0.5", "0.2"], ["--global_crops_scale must be (low, high)"]),
+    (["--replay-store", "pixels"], ["--replay-store", "'pixels'", "crops", "ids"]),
+    (["--replay_store", "ids", "--aug", "paper"], ["--replay_store ids needs --aug dali or torch"]),
 ])
 def test_contradictions_and_bad_values_are_one_line_errors_in_the_spelling_typed(record, tmp_path, args, words):
     one_line_error(invoke(*args, "--output_dir", str(tmp_path / "out")), *words)

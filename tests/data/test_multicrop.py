@@ -522,3 +522,53 @@ def test_a_dropped_loader_stops_its_prefetch_thread(files: list[Path]) -> None:
     del ld
     gc.collect()
     assert _wait_for(lambda: not thread.is_alive(), 10.0), "a dropped loader left its thread running"
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch", "paper"])
+def test_clean_view_is_the_whole_image_resized_without_augmentation(files: list[Path], backend: str) -> None:
+    """``clean_view``: one more view at the end, the whole image resized to the global size (no flip, no
+    photometric op) in every backend; the multi-crop views are unchanged."""
+    batch = first_batch(files, SMALL, 4, backend=backend, clean_view=True, num_workers=1)
+    assert batch.has_clean and len(batch.views) == SMALL.n_views + 1 and len(batch.crops) == SMALL.n_views
+    for b, i in enumerate(batch.index.tolist()):
+        ref = transforms.functional.pil_to_tensor(Image.open(files[i]).convert("RGB").resize((32, 32), Image.BICUBIC))
+        assert (pixels(batch.clean[b : b + 1])[0] - ref.float()).abs().mean() < 4.0, (backend, b)
+    if backend != "paper":
+        plain = first_batch(files, SMALL, 4, backend=backend, num_workers=1)
+        assert plain.clean is None and all(torch.equal(a, b) for a, b in zip(plain.views, batch.crops))
+
+
+class _Ids:
+    """A replay-ids source that records the steps asked for."""
+
+    capacity = 3
+
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+
+    def at(self, step: int) -> np.ndarray:
+        self.asked.append(step)
+        return np.array([5, -1, 7]) if step < 2 else np.array([9, 10, 11])
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_replay_ids_add_the_buffered_images_augmented_afresh(files: list[Path], backend: str) -> None:
+    """Each batch is B new images then C buffered ones (ids from the source, ``replay_lag`` steps back;
+    an empty slot takes a new image), with new crops every step; the new rows are those of a batch
+    without them."""
+    src = _Ids()
+    ld = multicrop_loader(files, SMALL, 4, device="cpu", seed=0, backend=backend, replay_ids=src,
+                          clean_view=True, epoch_length=40, num_workers=1)
+    batches = [b for _, b in zip(range(6), ld)]
+    plain = [b for _, b in zip(range(6), multicrop_loader(files, SMALL, 4, device="cpu", seed=0, backend=backend,
+                                                          epoch_length=40, num_workers=1))]
+    lag = ld.replay_lag
+    assert lag == (2 if backend == "torch" else 4) and sorted(set(src.asked))[:2] == [-lag, 1 - lag]
+    for step, (b, p) in enumerate(zip(batches, plain)):
+        assert all(v.shape[0] == 7 for v in b.views) and b.boxes.shape == (7, 2, 4)
+        assert torch.equal(b.index[:4], p.index) and all(torch.equal(v[:4], w) for v, w in zip(b.crops, p.views))
+        want = [5, int(b.index[1]), 7] if step - lag < 2 else [9, 10, 11]
+        assert b.index[4:].tolist() == want, step
+    assert not torch.equal(batches[0].views[0][4], batches[1].views[0][4]), "the same image, the same crop twice"
+    with pytest.raises(ValueError, match=r"--replay-store ids\) need backend 'dali' or 'torch'"):
+        multicrop_loader(files, SMALL, 4, device="cpu", seed=0, backend="paper", replay_ids=src)

@@ -98,3 +98,14 @@ def test_every_numeric_field_has_a_range():
     numeric = {f.name for f in dataclasses.fields(TrainConfig)
                if any(t in str(f.type) for t in ("int", "float")) and "tuple" not in str(f.type)}
     assert numeric == set(FIELD_RANGES)
+
+
+def test_the_replay_store_is_crops_or_ids_and_ids_needs_a_loader_that_re_augments():
+    from oodfast.train.config import ConfigError, TrainConfig
+
+    assert TrainConfig().replay_store == "crops"  # the paper's
+    with pytest.raises(ConfigError, match="replay_store must be one of crops, ids, got 'pixels'"):
+        TrainConfig(replay_store="pixels")
+    with pytest.raises(ConfigError, match="replay_store ids needs aug dali or torch"):
+        TrainConfig(replay_store="ids", aug="paper")
+    assert TrainConfig(replay_store="ids", aug="torch").replay_store == "ids"

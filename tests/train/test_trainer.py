@@ -71,12 +71,13 @@ def test_a_step_never_reads_a_tensor_on_the_host(data_root, tmp_path):
     assert t.monitor.settle() == 0 and t.monitor.last["step"] == 0 and t.monitor.last["loss"] > 0
 
 
-@pytest.mark.parametrize("detector", ["teacher", "random"])
+@pytest.mark.parametrize("detector", ["teacher", "random", "ids"])
 def test_a_skipped_step_changes_nothing(data_root, tmp_path, detector):
     """A non-finite loss: weights, optimizer, EMA teacher, loss centre, buffer (state, metadata, crops)
-    and detector stay exactly as they were, even with a threshold that would flag every image."""
-    t = staged(Trainer(tiny(data_root, tmp_path / detector, replay="ood" if detector == "teacher" else "random"),
-                       progress=False))
+    and detector stay exactly as they were, even with a threshold that would flag every image (ids: the
+    teacher detector with the re-augmenting store, whose published ids stay those of the ring too)."""
+    mode = {"teacher": {}, "random": {"replay": "random"}, "ids": {"replay_store": "ids"}}[detector]
+    t = staged(Trainer(tiny(data_root, tmp_path / detector, **mode), progress=False))
     t.run_step()  # the optimizer's state exists
     t.replay.detector.threshold.fill_(-float("inf"))
     original = t.dino.loss.forward
@@ -93,6 +94,8 @@ def test_a_skipped_step_changes_nothing(data_root, tmp_path, detector):
     assert len(before) == len(after)
     assert all(torch.equal(a, b) or (a.isnan().all() and b.isnan().all()) for a, b in zip(before, after))
     assert t.monitor.settle() == 0 and t.monitor.bad_in_row == 1
+    if detector == "ids":
+        assert t.replay.host_ids.at(t.step).tolist() == t.ring.ring_ids.tolist()
     t.dino.loss.forward = original
     enqueued = int(t.ring.enqueued_total)
     t.run_step()  # a finite step after it: the same threshold flags the whole batch
