@@ -204,7 +204,8 @@ def train(data: str, data_root: Path | None, data_path: Path | None, synthetic_i
           synthetic_size: tuple[int, int] | None, preset: str, aug: str | None, detector: str | None,
           detector_weights: str | None, metric: str | None, threshold_mode: str | None, no_ood: bool, replay: str | None,
           replay_store: str | None, no_compile: bool, tensorboard: bool, resume: str | None, device: str | None,
-          dist_url: str | None, local_rank: int | None, json_path: Path | None, markdown_path: Path | None, **dino: Any) -> None:
+          dist_url: str | None, local_rank: int | None, json_path: Path | None, markdown_path: Path | None,
+          **dino: Any) -> None:
     """Train DINO with the OOD replay buffer (default: on synthdrive, anywhere)."""
     from oodfast.devices import default_device
     from oodfast.report import markdown_table, write_report

@@ -284,7 +284,8 @@ class Replay:
         with eval_mode(self.scorer(teacher)):
             return self.features(rows, teacher)
 
-    def step_input(self, teacher: nn.Module | None, features: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    def step_input(self, teacher: nn.Module | None,
+                   features: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         """The detector's input for the staged batch: :meth:`features` of the staged clean views with
         the scoring module in eval mode (``features``: e.g. a compiled :meth:`features`), or, for the
         random and oracle modes, a [B, 1] placeholder they ignore. No host synchronisation."""

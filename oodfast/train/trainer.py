@@ -102,13 +102,9 @@ class Trainer:
         else:
             self._staging = [torch.zeros(self.B, 3, s, s, dtype=dtype, device=self.device)
                              for s in [cfg.global_size] * 2 + [cfg.local_size] * cfg.local_crops_number]
-        # the training loader: with the ids store, it re-augments the ring's images (B + C rows a batch)
-        self.loader = self._loader(self.files, cfg.seed, cfg.epoch_length, zero_copy=True,
-                                   replay_ids=self.replay.host_ids if self.replay is not None else None)
-        self.steps_per_epoch = len(self.loader)
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"{len(self.files)} images give no full batch of {self.B} per process; lower "
-                             "--batch_size_per_gpu or use more data")
+        self.loader = self._loader(self.files, cfg.seed, cfg.epoch_length, zero_copy=True,  # ids store: B + C rows
+                                   replay_ids=getattr(self.replay, "host_ids", None))
+        self.steps_per_epoch = len(self.loader)  # >= 1: multicrop_loader refuses data without a full batch
         log.info("data: %s %s, %d images, %d steps per epoch", cfg.data, cfg.split, len(self.files),
                  self.steps_per_epoch)
         self.dino = DINO(cfg, student, teacher, views=self.views, replay=self.replay, world=self.world,
@@ -144,12 +140,10 @@ class Trainer:
                 zero_copy: bool = False, replay_ids: Any = None):
         """A multi-crop loader of this run. ``zero_copy``: DALI's own buffers, in its dtype, for batches
         that :meth:`stage` copies (the one conversion to the crop dtype happens in that copy). Its batches
-        carry the clean view the detector scores when it scores one; ``replay_ids``: the ids store's
-        re-augmented buffered rows."""
-        clean = self.replay is not None and self.replay.embeds
+        carry the clean view the detector scores, if it scores one; ``replay_ids``: the ids store's."""
         return multicrop_loader(files, self.crops, self.B, device=self.device, seed=seed, backend=self.cfg.aug,
                                 epoch_length=epoch_length, num_workers=self.cfg.num_workers, zero_copy=zero_copy,
-                                clean_view=clean, replay_ids=replay_ids,
+                                clean_view=getattr(self.replay, "embeds", False), replay_ids=replay_ids,
                                 **({} if sharded else {"shard_id": 0, "num_shards": 1}))
 
     @property
