@@ -168,6 +168,7 @@ class Replay:
         self.host_ids = HostRingIds(ring) if store == "ids" else None
         self.clean = (torch.zeros(B, *ring.groups[0][1], dtype=ring.storage[0].dtype, device=device)
                       if self.embeds else None)
+        self.primed = False  # the teacher's BatchNorm statistics hold values (see prime_norms)
 
     @classmethod
     def build(cls, mode: str, *, capacity: int, batch_size: int, global_size: int, local_size: int,
@@ -326,6 +327,47 @@ class Replay:
     # ---- before training: calibration and warm-up -------------------------------------------------
 
     @torch.no_grad()
+    def prime_norms(self, batches: Iterable[Sequence[torch.Tensor]], teacher: nn.Module) -> None:
+        """Set the teacher backbone's BatchNorm running statistics to their cumulative mean over
+        ``batches`` (each the global views [n, 3, G, G], as the teacher's training forward sees them).
+
+        A new teacher's running statistics are the initial 0 / 1, which its training forward (train
+        mode: batch statistics) never reads but replaces within some tens of steps (momentum 0.1); an
+        eval-mode detector calibrated on them would see its embeddings move under it as they do. Primed,
+        they are what training keeps them near from the first step. Training itself is unchanged: the
+        train-mode forward does not read them. A no-op for the frozen encoder and for a backbone
+        without BatchNorm (ViTs)."""
+        norms = [m for m in teacher.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if self.encoder is not None or not norms:
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches
+        try:
+            for views in batches:
+                with self.amp:
+                    teacher.forward_backbone(list(views))
+        finally:
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+        self.primed = True
+
+    @torch.no_grad()
+    def calibrate_on(self, batches: Callable[[], Iterable[Any]], teacher: nn.Module | None,
+                     device: torch.device) -> None:
+        """Calibrate on loader batches (each call of ``batches()`` a fresh pass over the same ones, with
+        the clean view): a new teacher's BatchNorm statistics are primed on one pass
+        (:meth:`prime_norms`), then the clean views are embedded as training embeds them (:meth:`embed`)
+        and the detector fitted (:meth:`calibrate`). A no-op for the random and oracle modes."""
+        if not self.needs_calibration:
+            return
+        if self.follows_teacher and not self.primed:
+            self.prime_norms(([v.to(device) for v in b.crops[:2]] for b in batches()), teacher)
+        feats = [self.embed(b.clean.to(device, self.clean.dtype), teacher) for b in batches()]
+        self.calibrate(torch.cat(feats, dim=-2))
+
+    @torch.no_grad()
     def calibrate(self, features: torch.Tensor) -> None:
         """Fit the detector's statistics and threshold on calibration embeddings ``features`` [n, D]
         (or :meth:`embed`'s [1, n, D]; a no-op for the random and oracle modes)."""
@@ -381,5 +423,6 @@ class Replay:
             self.ring.load_state_dict(state["ring"])
         if state.get("detector") is not None:
             self.detector.load_state_dict(state["detector"])
+            self.primed = True  # the restored teacher's statistics are a trained run's
         if self.host_ids is not None:
             self.host_ids.reset()

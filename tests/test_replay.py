@@ -162,3 +162,25 @@ def test_host_ring_ids_give_the_copy_published_at_or_before_a_step_else_the_seed
     assert Replay(ring, RandomDetector(0.5)).host_ids is None
     with pytest.raises(ValueError, match=r"--replay-store\) must be crops or ids, got 'pixels'"):
         Replay(ring, RandomDetector(0.5), store="pixels")
+
+
+def test_priming_gives_a_new_teacher_the_batchnorm_statistics_training_keeps():
+    """A new teacher's running statistics are 0 / 1 (training replaces them within tens of steps);
+    primed on the global views, the eval-mode embedding of those rows is their train-mode one, and the
+    teacher's mode and momentum are as before."""
+    teacher, dim = _teacher()
+    r = _scoring_replay(dim)
+    rows = torch.randn(16, 3, 64, 64) * 2 + 1
+    with torch.no_grad():
+        trained = teacher.forward_backbone(rows.clone())  # batch statistics (this also moves the running ones)
+    for m in teacher.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+
+    def agreement() -> float:  # cosine similarity of the eval-mode embeddings with the train-mode ones
+        return float(torch.nn.functional.cosine_similarity(r.embed(rows, teacher)[0], trained).min())
+
+    assert agreement() < 0.9
+    r.prime_norms([[rows[:8], rows[8:]]], teacher)
+    assert agreement() > 0.98
+    assert r.primed and teacher.training and teacher.backbone.bn1.momentum == 0.1

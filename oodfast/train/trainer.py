@@ -170,7 +170,7 @@ class Trainer:
 
         Every process calibrates on the same images (the first of a seeded permutation), so their
         statistics agree without communication. The embeddings are those training scores: the clean
-        views, the scoring module in eval mode (:meth:`Replay.embed`).
+        views, the scoring module in eval mode (:meth:`Replay.calibrate_on`).
         """
         if self.replay is None or not self.replay.needs_calibration:
             return
@@ -179,10 +179,9 @@ class Trainer:
         n = max(self.B, min(n, len(self.files)))
         pick = np.random.default_rng(cfg.seed).permutation(len(self.files))[:n]
         subset = [self.files.images[i] for i in sorted(pick)]
-        feats = [self.replay.embed(batch.clean.to(self.device, self.replay.clean.dtype), self.dino.teacher)
-                 for batch in self._loader(subset, cfg.seed + 1, None, sharded=False)]
         log.info("calibrating on %d images", n)
-        self.replay.calibrate(torch.cat(feats, dim=-2))
+        self.replay.calibrate_on(lambda: self._loader(subset, cfg.seed + 1, None, sharded=False), self.dino.teacher,
+                                 self.device)
 
     @torch.no_grad()
     def warm_up(self) -> None:
