@@ -256,8 +256,11 @@ def detection_markdown(report: dict[str, Any]) -> str:
             f"pixels inside it (at the crop's {cfg['crop_size']} px); dense detectors use "
             f"{cfg.get('layer', 'layer3')}.\n\n")
     order = {d: i for i, d in enumerate(DETECTORS)}
+    rows = sorted(report["rows"], key=lambda r: (order.get(r["detector"], 99), r["calib_size"], -r["percentile"]))
+    pairs = {c: max((r["object_recall"][c]["pairs"] for r in rows if c in r.get("object_recall", {})), default=0)
+             for c in ["all", *classes]}
     table = []
-    for r in sorted(report["rows"], key=lambda r: (order.get(r["detector"], 99), r["calib_size"], -r["percentile"])):
+    for r in rows:
         obj = r.get("object_recall", {})
         table.append((r["detector"], r["calib_size"], r["percentile"], _cell(r["accuracy"]),
                       _cell(r["precision"], r.get("precision_ci")), _cell(r["recall"], r.get("recall_ci")),
@@ -265,12 +268,19 @@ def detection_markdown(report: dict[str, Any]) -> str:
                       _cell(r.get("auroc", float("nan")), r.get("auroc_ci")),
                       _cell(r.get("aupr", float("nan")), r.get("aupr_ci")),
                       _cell(r.get("fpr_at_95_tpr", float("nan"))),
-                      *(_cell(obj[c]["recall"], obj[c]["ci"]) if c in obj else "-" for c in ["all", *classes])))
-    pairs = {c: max((r["object_recall"][c]["pairs"] for r in report["rows"] if c in r.get("object_recall", {})),
-                    default=0) for c in ["all", *classes]}
-    return head + markdown_table(["detector", "calibration", "percentile", "accuracy", "precision", "recall", "F1",
+                      _cell(obj["all"]["recall"], obj["all"]["ci"]) if "all" in obj else "-"))
+    text = head + markdown_table(["detector", "calibration", "percentile", "accuracy", "precision", "recall", "F1",
                                   "lift", "flag rate", "AUROC", "AUPR", "FPR@95TPR",
-                                  *(f"object recall: {c} ({pairs[c]} pairs)" for c in ["all", *classes])], table)
+                                  f"object recall ({pairs['all']} pairs)"], table)
+    if not classes:
+        return text
+    # Per class in a table of its own: one column per rare class would make the main table unreadable.
+    by_class = [(r["detector"], r["calib_size"], r["percentile"],
+                 *(_cell(r["object_recall"][c]["recall"], r["object_recall"][c]["ci"])
+                   if c in r.get("object_recall", {}) else "-" for c in classes)) for r in rows]
+    return (text + "\n\n## Object recall per rare class\n\n(crop, instance) pairs per class: "
+            + ", ".join(f"{c} {pairs[c]}" for c in classes) + ".\n\n"
+            + markdown_table(["detector", "calibration", "percentile", *classes], by_class))
 
 
 def plot_pr(report: dict[str, Any], path: str | Path) -> Path:
