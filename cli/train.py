@@ -20,7 +20,7 @@ from click.core import ParameterSource
 from oodfast.cli._options import (BOOL_FLAG, DEVICE, SpellingCommand, check_report_paths, report_options, spellings,
                                   typed_flag)
 from oodfast.cli.data import DATA_KINDS, parse_size
-from oodfast.train.config import CROP_RECIPES, OPTIMIZERS, ConfigError, check_field
+from oodfast.train.config import CROP_RECIPES, DENSE_LAYERS, OPTIMIZERS, ConfigError, check_field
 
 # (option names, TrainConfig field, type, help). Defaults come from the preset; an option given overrides it.
 DINO_OPTIONS: list[tuple[tuple[str, ...], str, Any, str]] = [
@@ -69,6 +69,9 @@ DINO_OPTIONS: list[tuple[tuple[str, ...], str, Any, str]] = [
     (spellings("--calib-frac"), "calib_frac", float, "Calibrate on this fraction of the data instead (e.g. 0.05)."),
     (spellings("--ood-percentile"), "ood_percentile", float, "Threshold percentile of calibration scores (0.80-0.99; "
                                                              "0.95)."),
+    (spellings("--dense-layer"), "dense_layer", click.Choice(DENSE_LAYERS),
+     "Dense rarity: score every position of this feature map (layer2 | layer3 | layer4 of a ResNet, tokens of a "
+     "ViT) and flag an image whose most rare position is rare (default: pooled embeddings, the paper's)."),
     (spellings("--global-size"), "global_size", int, "Global crop size in pixels (224)."),
     (spellings("--local-size"), "local_size", int, "Local crop size in pixels (96)."),
     (spellings("--epoch-length"), "epoch_length", int, "Images per epoch (default: the dataset)."),

@@ -18,6 +18,13 @@ flip, no photometric op), embedded with the scoring module (the teacher's backbo
 encoder) in eval mode, so BatchNorm uses its running statistics and a score depends on the image
 alone, not on its batch-mates or its augmentation. Calibration embeds the same kind of rows.
 
+Dense rarity (``dense_layer``: ``layer2|layer3|layer4`` of a ResNet, ``tokens`` of a ViT): the
+detector is a :class:`~oodfast.dense.DenseRareDetector` on :func:`~oodfast.encoders.feature_map` of
+the same module, same rows, same mode; what it scores is the map's :func:`~oodfast.dense.position_view`
+[P, B, D] (no copy: the positions are the fused enqueue's views axis) and an image is flagged when
+the max over its positions is rare. Calibration maps are kept in fp16 on a GPU and capped at
+:data:`CALIB_MAP_ELEMENTS` values (images beyond it are left out, with a warning).
+
 Stores (``store``): ``crops`` (the paper's: an enqueued image's crops are copied into the ring and
 replayed as they are) or ``ids`` (the ring's sample ids are published to the host each step,
 asynchronously, through :class:`HostRingIds`; the loader decodes and augments the buffered images
@@ -41,7 +48,9 @@ from torch import nn
 
 from oodfast.buffer import RareRing
 from oodfast.data.crops import DEFAULT_RARE_TAU, rare_shares, read_mask
+from oodfast.dense import DenseRareDetector, position_view
 from oodfast.detect import DetectorConfig, OracleDetector, RandomDetector, RareDetector, ScoreDetector
+from oodfast.encoders import dense_dim, feature_map, load_encoder
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,11 @@ FROZEN_ARCH, FROZEN_DIM = "resnet50", 2048
 
 #: What the ring keeps of an image: its crops (the paper's), or its sample id (re-augmented each step).
 REPLAY_STORES = ("crops", "ids")
+
+#: The most values (images x positions x channels) of dense calibration maps fitted at once: 2**28
+#: (512 MiB in fp16, 1 GiB as the fp32 rows the fit makes of them), e.g. 1024 images of a 14 x 14
+#: layer3 (1024 channels) map fit, 2048 x 1024 of a 512 x 1024 crop keep 128 images.
+CALIB_MAP_ELEMENTS = 2**28
 
 FROZEN_WEIGHTS_HELP = ("--detector frozen needs --detector-weights PATH: a torchvision/DINO ResNet-50 state dict "
                        "such as dino_resnet50_pretrain.pth (linked from the facebookresearch/dino README) or an "
@@ -130,6 +144,85 @@ class HostRingIds:
             return self._seed.copy()
 
 
+@torch.no_grad()
+def prime_norms(batches: Iterable[Sequence[torch.Tensor]], teacher: nn.Module, amp: Any = None) -> bool:
+    """Set the teacher backbone's BatchNorm running statistics to their cumulative mean over
+    ``batches`` (each the global views [n, 3, H, W], as the teacher's training forward sees them);
+    returns whether it had any (ViTs have none: a no-op).
+
+    A new teacher's running statistics are the initial 0 / 1, which its training forward (train
+    mode: batch statistics) never reads but replaces within some tens of steps (momentum 0.1); an
+    eval-mode detector calibrated on them would see its embeddings move under it as they do. Primed,
+    they are what training keeps them near from the first step. Training itself is unchanged: the
+    train-mode forward does not read them."""
+    norms = [m for m in teacher.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return False
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+    try:
+        for views in batches:
+            with amp if amp is not None else contextlib.nullcontext():
+                teacher.forward_backbone(list(views))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+    return True
+
+
+@torch.no_grad()
+def calibration_maps(embed: Callable[[torch.Tensor], torch.Tensor], rows: Iterable[torch.Tensor]) -> torch.Tensor:
+    """A dense detector's calibration maps [P, n, D], ``embed`` (rows [b, 3, H, W] -> [P, b, D]) of each
+    of ``rows``: fp16 on a GPU (fp32 for a batch whose map overflows it), at most
+    :data:`CALIB_MAP_ELEMENTS` values (the images after that are left out, with a warning)."""
+    maps: list[torch.Tensor] = []
+    n, limit = 0, 0
+    for batch in rows:
+        m = embed(batch)
+        if m.is_cuda:
+            half = m.half()
+            m = half if bool(torch.isfinite(half).all()) or not bool(torch.isfinite(m).all()) else m
+        limit = limit or max(2, CALIB_MAP_ELEMENTS // (m.shape[0] * m.shape[2]))
+        maps.append(m[:, : limit - n])
+        n += maps[-1].shape[1]
+        if n >= limit:
+            log.warning("dense calibration: maps of %d positions x %d channels; fitting on the first %d images "
+                        "(CALIB_MAP_ELEMENTS = %d values)", m.shape[0], m.shape[2], n, CALIB_MAP_ELEMENTS)
+            break
+    return torch.cat(maps, dim=1)
+
+
+def build_detector(mode: str, config: DetectorConfig, *, batch_size: int, device: torch.device,
+                   source: str = "teacher", embed_dim: int, frozen_weights: str | None = None,
+                   dense_layer: str | None = None, arch: str | None = None,
+                   ) -> tuple[RareDetector | ScoreDetector, nn.Module | None]:
+    """The detector of a replay mode and the frozen encoder it scores with (None: the teacher's
+    features); the arguments are :meth:`Replay.build`'s."""
+    if mode == "random":
+        det: RareDetector | ScoreDetector = RandomDetector(config.rate, device=device)
+    elif mode == "oracle":
+        det = OracleDetector(batch_size, DEFAULT_RARE_TAU, config.rate, device=device)
+    elif mode != "ood":
+        raise ValueError(f"replay mode must be ood, random or oracle, got {mode!r}")
+    if mode != "ood":
+        if dense_layer is not None:
+            raise ValueError(f"dense_layer {dense_layer!r} (--dense-layer) scores feature maps for --replay ood; "
+                             f"the {mode} replay scores none: drop it")
+        return det, None
+    encoder, dim, scoring = None, embed_dim, arch
+    if source == "frozen":
+        if not frozen_weights:
+            raise ValueError(FROZEN_WEIGHTS_HELP)
+        encoder, dim, scoring = load_encoder(frozen_weights, FROZEN_ARCH, device), FROZEN_DIM, FROZEN_ARCH
+    if dense_layer is None:
+        return RareDetector(dim, config, device=device), encoder
+    if scoring is None:
+        raise ValueError("a dense teacher detector needs the teacher's arch (Replay.build(arch=...))")
+    return DenseRareDetector(dense_dim(scoring, dense_layer), config, device=device), encoder
+
+
 class Replay:
     """The detector and the ring of one process, with the step's persistent inputs.
 
@@ -141,6 +234,8 @@ class Replay:
         masks, images: the dataset's mask and image paths (oracle mode reads the staged images' masks).
         amp: the autocast context the embeddings are computed in.
         store: ``crops`` or ``ids`` (see the module docstring).
+        dense_layer: the feature map a :class:`~oodfast.dense.DenseRareDetector` ``detector`` scores
+            (:func:`~oodfast.encoders.feature_map`'s ``layer``), or None: pooled embeddings.
 
     Persistent tensors, written in place every step: ``ids`` int64 [B] (the staged images' dataset
     positions), ``step`` 0-d int64 (stored with each enqueued image), ``scores`` fp32 [B], ``slots``
@@ -150,12 +245,14 @@ class Replay:
 
     def __init__(self, ring: RareRing, detector: RareDetector | ScoreDetector, *, encoder: nn.Module | None = None,
                  masks: Sequence[Any] | None = None, images: Sequence[Any] | None = None,
-                 amp: Any = None, store: str = "crops") -> None:
+                 amp: Any = None, store: str = "crops", dense_layer: str | None = None) -> None:
         if ring.batch_size is None:
             raise ValueError("Replay needs a ring in tail mode: build it with batch_size=B")
         if store not in REPLAY_STORES:
             raise ValueError(f"replay store (--replay-store) must be crops or ids, got {store!r}")
-        self.ring, self.detector, self.encoder = ring, detector, encoder
+        if (dense_layer is not None) != isinstance(detector, DenseRareDetector):
+            raise ValueError("a dense_layer goes with a DenseRareDetector (and a DenseRareDetector with a dense_layer)")
+        self.ring, self.detector, self.encoder, self.dense_layer = ring, detector, encoder, dense_layer
         self.masks, self.images = masks, images
         self.amp = amp if amp is not None else contextlib.nullcontext()
         self.B = B = ring.batch_size
@@ -175,7 +272,7 @@ class Replay:
               local_crops_number: int, dtype: torch.dtype, device: torch.device, detector: DetectorConfig,
               source: str = "teacher", embed_dim: int, frozen_weights: str | None = None,
               masks: Sequence[Any] | None = None, images: Sequence[Any] | None = None, amp: Any = None,
-              store: str = "crops") -> Replay:
+              store: str = "crops", dense_layer: str | None = None, arch: str | None = None) -> Replay:
         """The replay of a run.
 
         Args:
@@ -189,9 +286,12 @@ class Replay:
                 (a frozen ResNet-50 from ``frozen_weights``; ood mode only).
             masks, images: the dataset's paths, for oracle mode.
             store: ``crops`` (the paper's) or ``ids`` (re-augmented by the loader).
+            dense_layer: None (pooled embeddings, the paper's) or the feature map a
+                :class:`~oodfast.dense.DenseRareDetector` scores (ood mode only); ``arch``: the
+                teacher's backbone, for the map's channels.
 
         Raises:
-            ValueError: an unknown mode, source or store, or ``frozen`` without weights.
+            ValueError: an unknown mode, source, store or dense layer, or ``frozen`` without weights.
         """
         if store not in REPLAY_STORES:
             raise ValueError(f"replay store (--replay-store) must be crops or ids, got {store!r}")
@@ -199,23 +299,11 @@ class Replay:
             raise ValueError(f"detector source must be one of {DETECTOR_SOURCES}, got {source!r}")
         ring = RareRing.for_multicrop(capacity, global_size=global_size, local_crops_number=local_crops_number,
                                       local_size=local_size, batch_size=batch_size, dtype=dtype, device=device)
-        encoder = None
-        if mode == "random":
-            det: RareDetector | ScoreDetector = RandomDetector(detector.rate, device=device)
-        elif mode == "oracle":
-            det = OracleDetector(batch_size, DEFAULT_RARE_TAU, detector.rate, device=device)
-        elif mode == "ood":
-            dim = embed_dim
-            if source == "frozen":
-                if not frozen_weights:
-                    raise ValueError(FROZEN_WEIGHTS_HELP)
-                from oodfast.encoders import load_encoder
-
-                encoder, dim = load_encoder(frozen_weights, FROZEN_ARCH, device), FROZEN_DIM
-            det = RareDetector(dim, detector, device=device)
-        else:
-            raise ValueError(f"replay mode must be ood, random or oracle, got {mode!r}")
-        return cls(ring, det, encoder=encoder, masks=masks, images=images, amp=amp, store=store)
+        det, encoder = build_detector(mode, detector, batch_size=batch_size, device=device, source=source,
+                                      embed_dim=embed_dim, frozen_weights=frozen_weights, dense_layer=dense_layer,
+                                      arch=arch)
+        return cls(ring, det, encoder=encoder, masks=masks, images=images, amp=amp, store=store,
+                   dense_layer=dense_layer)
 
     # ---- what the model sees -------------------------------------------------------------------
 
@@ -268,13 +356,18 @@ class Replay:
         return self.encoder if self.encoder is not None else teacher
 
     def features(self, rows: torch.Tensor, teacher: nn.Module | None = None) -> torch.Tensor:
-        """What the detector scores, for the clean views ``rows`` [n, 3, G, G]: the one place that
+        """What the detector scores, for the clean views ``rows`` [n, 3, H, W]: the one place that
         chooses it. Pooled embeddings [1, n, D] fp32 (the frozen encoder's, else
-        ``teacher.forward_backbone``'s), computed as they are: the caller sets eval mode
-        (:meth:`embed`, :meth:`step_input`); traceable by torch.compile."""
+        ``teacher.forward_backbone``'s) or, with a ``dense_layer``, the [P, n, D] fp32 position view of
+        that module's :func:`~oodfast.encoders.feature_map`; computed as they are: the caller sets eval
+        mode (:meth:`embed`, :meth:`step_input`); traceable by torch.compile."""
         scorer = self.scorer(teacher)
         if scorer is None:
             raise ValueError("Replay.features: the teacher detector needs the teacher module")
+        if self.dense_layer is not None:
+            with self.amp:
+                fmap = feature_map(scorer if self.encoder is not None else scorer.backbone, rows, self.dense_layer)
+            return position_view(fmap.float())  # channels_last stays channels_last: a view, no copy
         with self.amp:
             feats = scorer(rows) if self.encoder is not None else scorer.forward_backbone(rows)
         return feats.float().view(-1, rows.shape[0], feats.shape[-1])
@@ -326,32 +419,10 @@ class Replay:
 
     # ---- before training: calibration and warm-up -------------------------------------------------
 
-    @torch.no_grad()
     def prime_norms(self, batches: Iterable[Sequence[torch.Tensor]], teacher: nn.Module) -> None:
-        """Set the teacher backbone's BatchNorm running statistics to their cumulative mean over
-        ``batches`` (each the global views [n, 3, G, G], as the teacher's training forward sees them).
-
-        A new teacher's running statistics are the initial 0 / 1, which its training forward (train
-        mode: batch statistics) never reads but replaces within some tens of steps (momentum 0.1); an
-        eval-mode detector calibrated on them would see its embeddings move under it as they do. Primed,
-        they are what training keeps them near from the first step. Training itself is unchanged: the
-        train-mode forward does not read them. A no-op for the frozen encoder and for a backbone
-        without BatchNorm (ViTs)."""
-        norms = [m for m in teacher.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if self.encoder is not None or not norms:
-            return
-        momenta = [m.momentum for m in norms]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the batches
-        try:
-            for views in batches:
-                with self.amp:
-                    teacher.forward_backbone(list(views))
-        finally:
-            for m, momentum in zip(norms, momenta):
-                m.momentum = momentum
-        self.primed = True
+        """:func:`prime_norms` of the teacher's backbone (a no-op for the frozen encoder)."""
+        if self.encoder is None:
+            self.primed = prime_norms(batches, teacher, self.amp)
 
     @torch.no_grad()
     def calibrate_on(self, batches: Callable[[], Iterable[Any]], teacher: nn.Module | None,
@@ -364,19 +435,26 @@ class Replay:
             return
         if self.follows_teacher and not self.primed:
             self.prime_norms(([v.to(device) for v in b.crops[:2]] for b in batches()), teacher)
+        if self.dense_layer is not None:
+            self.calibrate(calibration_maps(lambda rows: self.embed(rows, teacher),
+                                            (b.clean.to(device, self.clean.dtype) for b in batches())))
+            return
         feats = [self.embed(b.clean.to(device, self.clean.dtype), teacher) for b in batches()]
         self.calibrate(torch.cat(feats, dim=-2))
 
     @torch.no_grad()
     def calibrate(self, features: torch.Tensor) -> None:
         """Fit the detector's statistics and threshold on calibration embeddings ``features`` [n, D]
-        (or :meth:`embed`'s [1, n, D]; a no-op for the random and oracle modes)."""
+        (or :meth:`embed`'s [1, n, D]; a dense detector's: maps [P, n, D]; a no-op for the random and
+        oracle modes)."""
         if not isinstance(self.detector, RareDetector):
             return
-        features = features.reshape(-1, features.shape[-1])
+        if self.dense_layer is None:
+            features = features.reshape(-1, features.shape[-1])
         self.detector.fit(features)
-        c = self.detector.config
-        log.info("calibrated %s on %d embeddings: threshold %.4f (%.2f percentile)", c.metric, features.shape[0],
+        c, n = self.detector.config, features.shape[-2]
+        what = f"{n} maps of {features.shape[0]} positions" if self.dense_layer is not None else f"{n} embeddings"
+        log.info("calibrated %s on %s: threshold %.4f (%.2f percentile)", c.metric, what,
                  float(self.detector.threshold), c.percentile)
 
     @torch.no_grad()

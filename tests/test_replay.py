@@ -184,3 +184,47 @@ def test_priming_gives_a_new_teacher_the_batchnorm_statistics_training_keeps():
     r.prime_norms([[rows[:8], rows[8:]]], teacher)
     assert agreement() > 0.98
     assert r.primed and teacher.training and teacher.backbone.bn1.momentum == 0.1
+
+
+def test_a_dense_replay_scores_the_position_view_of_the_scoring_modules_map():
+    """dense_layer: the detector's input is the [P, n, D] view of the teacher backbone's map (a ViT's
+    patch tokens here; ResNet stages through the Trainer in tests/train/test_dense_replay.py), computed
+    in eval mode; an image's score is its most rare position's."""
+    from oodfast.dense import DenseRareDetector, position_view
+    from oodfast.encoders import build_backbone, feature_map
+    from oodfast.train.head import DINOHead, MultiCropWrapper
+
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("vit_tiny")
+    teacher = MultiCropWrapper(backbone, DINOHead(dim, 16)).train()
+    ring = RareRing.for_multicrop(C, global_size=32, local_crops_number=1, local_size=16, batch_size=4)
+    r = Replay(ring, DenseRareDetector(dim, DetectorConfig(percentile=0.5)), dense_layer="tokens")
+    rows = torch.randn(4, 3, 32, 32)
+    got = r.embed(rows, teacher)
+    with torch.no_grad():
+        want = position_view(feature_map(backbone.eval(), rows, "tokens"))
+    backbone.train()
+    assert got.shape == (4, 4, dim) and got.stride(-1) == 1  # P = (32 / 16)**2 patch tokens
+    torch.testing.assert_close(got, want)
+    r.calibrate(r.embed(torch.randn(16, 3, 32, 32), teacher))
+    r.clean.copy_(rows)
+    torch.testing.assert_close(r.detector.score(r.step_input(teacher)), r.detector.position_scores(want).amax(0))
+    with pytest.raises(ValueError, match="dense_layer goes with a DenseRareDetector"):
+        Replay(ring, RareDetector(dim), dense_layer="tokens")
+
+
+def test_dense_calibration_maps_are_capped_and_a_dense_layer_needs_the_ood_replay(monkeypatch, caplog):
+    import oodfast.replay as replay_mod
+
+    monkeypatch.setattr(replay_mod, "CALIB_MAP_ELEMENTS", 10 * 4 * 8)  # 10 images of 4 positions x 8 channels
+    batches = [torch.randn(4, 32) for _ in range(5)]  # stand-ins for 5 batches of 4 images
+    embed = lambda rows: rows.view(len(rows), 4, 8).transpose(0, 1)  # noqa: E731 - [P, b, D], as a map's view
+    maps = replay_mod.calibration_maps(embed, batches)
+    assert maps.shape == (4, 10, 8) and "fitting on the first 10 images" in caplog.text
+    torch.testing.assert_close(maps, torch.cat([embed(b) for b in batches], dim=1)[:, :10])
+    kw = dict(capacity=C, batch_size=B, global_size=4, local_size=2, local_crops_number=1, dtype=torch.float32,
+              device=torch.device("cpu"), detector=DetectorConfig(), embed_dim=D)
+    with pytest.raises(ValueError, match="--dense-layer.*for --replay ood; the random replay scores none"):
+        Replay.build("random", dense_layer="layer3", **kw)
+    ood = Replay.build("ood", dense_layer="layer2", arch="resnet18", **kw)
+    assert type(ood.detector).__name__ == "DenseRareDetector" and ood.detector.dim == 128

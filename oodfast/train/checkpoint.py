@@ -34,6 +34,10 @@ RESUMABLE_CHANGES = frozenset({"output_dir", "data_root", "num_workers", "log_ev
 #: Config keys of earlier checkpoints, mapped to their name now (``threshold`` was the threshold mode).
 RENAMED_CONFIG_KEYS = {"threshold": "threshold_mode"}
 
+#: Settings added since earlier checkpoints, with the value such a run had: a stored config without one
+#: ran with it (so resuming a pooled run with a dense detector is refused like any other change).
+ADDED_CONFIG_KEYS: dict[str, Any] = {"dense_layer": None}
+
 
 class OutputDirError(OSError):
     """An output folder that is a file, cannot be created, or cannot be written (``errno`` kept)."""
@@ -92,12 +96,13 @@ def stored_config(stored: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def check_same_run(stored: dict[str, Any] | None, current: dict[str, Any], path: Path) -> None:
     """Raise ValueError naming every setting of ``current`` (a ``TrainConfig.to_dict()``) that
-    contradicts the run stored in ``path`` (its checkpoint's ``config``, earlier key names accepted),
-    except those in :data:`RESUMABLE_CHANGES`. A checkpoint without a stored config (e.g.
+    contradicts the run stored in ``path`` (its checkpoint's ``config``, earlier key names accepted,
+    settings added since read as :data:`ADDED_CONFIG_KEYS`), except those in :data:`RESUMABLE_CHANGES`. A checkpoint without a stored config (e.g.
     facebookresearch/dino's own) is not checked."""
     stored = stored_config(stored)
     if stored is None:
         return
+    stored = {**ADDED_CONFIG_KEYS, **stored}
     differ = [f"{key}: {stored[key]!r} in the run, {current[key]!r} now" for key in current
               if key in stored and key not in RESUMABLE_CHANGES and stored[key] != current[key]]
     if differ:

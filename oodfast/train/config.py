@@ -26,6 +26,11 @@ REPLAY_MODES = ("ood", "random", "oracle", "none")
 THRESHOLD_MODES = ("fixed", "online")
 #: What the ring keeps of an image (oodfast.replay.REPLAY_STORES): its crops (the paper's) or its id.
 REPLAY_STORES = ("crops", "ids")
+#: The feature maps a dense detector scores (oodfast.encoders.DENSE_LAYERS): a ResNet stage, or a ViT's
+#: patch tokens; None (the default) scores pooled embeddings, as the paper does.
+DENSE_LAYERS = ("layer2", "layer3", "layer4", "tokens")
+#: torchvision families with the stages layer2..layer4 (oodfast.encoders' dense maps).
+RESNET_FAMILIES = ("resnet", "resnext", "wide_resnet")
 AUG_BACKENDS = ("dali", "paper", "torch")
 #: Earlier spellings still accepted, mapped to their name in AUG_BACKENDS.
 AUG_ALIASES = {"reference": "paper"}
@@ -183,7 +188,9 @@ class TrainConfig:
     ``threshold_mode`` (fixed | online: the threshold then adapts to hold the calibrated flag rate;
     CLI ``--threshold``), ``replay_store`` (crops = the paper's: the ring's stored crops are replayed as
     they are; ids = the ring keeps sample ids and the loader decodes and augments the buffered images
-    afresh every step; needs ``aug`` dali or torch).
+    afresh every step; needs ``aug`` dali or torch), ``dense_layer`` (None: pooled embeddings, the
+    paper's; ``layer2|layer3|layer4`` of a ResNet or ``tokens`` of a ViT: a dense detector scores every
+    position of that feature map and flags an image whose most rare position is rare; CLI ``--dense-layer``).
 
     Runtime: ``compile`` (torch.compile the step), ``bf16`` (mixed precision on CUDA, DINO's ``--use_fp16``:
     bf16 autocast where the GPU supports it, fp16 autocast with a GradScaler where not; the CPU runs
@@ -241,6 +248,7 @@ class TrainConfig:
     ood_percentile: float = 0.95
     threshold_mode: str = "fixed"
     replay_store: str = "crops"
+    dense_layer: str | None = None
     # runtime
     compile: bool = True
     bf16: bool = True
@@ -290,6 +298,7 @@ class TrainConfig:
             raise ConfigError("{replay_store} ids needs {aug} dali or torch: the paper's loader cannot re-augment "
                               "the buffered images; use {replay_store} crops with it", ("replay_store", "aug"))
         self._check_vit()
+        self._check_dense()
         if not isinstance(self.checkpoint_key, str) or not self.checkpoint_key:
             raise ConfigError("{checkpoint_key} must name a checkpoint entry (teacher or student), got {value!r}",
                               ("checkpoint_key",), value=self.checkpoint_key)
@@ -311,6 +320,33 @@ class TrainConfig:
                 raise ConfigError("{%s} (%d) must be a multiple of {patch_size} (%d) for %s: use %s"
                                   % (name, size, p, self.arch, f"{low} or {high}" if low != high else high),
                                   (name, "patch_size"))
+
+    def _check_dense(self) -> None:
+        """A dense layer is one of :data:`DENSE_LAYERS`, for the ood replay, and fits the scoring
+        backbone (the teacher's arch, or the frozen detector's ResNet-50)."""
+        layer = self.dense_layer
+        if layer is None:
+            return
+        if layer not in DENSE_LAYERS:
+            raise ConfigError("{dense_layer} must be one of %s (or unset: pooled embeddings), got {value!r}"
+                              % ", ".join(DENSE_LAYERS), ("dense_layer",), value=layer)
+        if self.replay != "ood":
+            what = "plain DINO" if self.replay == "none" else f"the {self.replay} replay"
+            raise ConfigError("{dense_layer} scores feature maps for {replay} ood; %s scores none: drop "
+                              "{dense_layer}" % what, ("dense_layer", "replay"))
+        if self.detector == "frozen":
+            if layer == "tokens":
+                raise ConfigError("{dense_layer} tokens is for a ViT teacher; {detector} frozen is a ResNet-50: use "
+                                  "layer2, layer3 or layer4", ("dense_layer", "detector"))
+        elif self.arch in VIT_ARCHS and layer != "tokens":
+            raise ConfigError("{dense_layer} %s: a ViT's dense features are its patch tokens: use {dense_layer} "
+                              "tokens for {arch} %s" % (layer, self.arch), ("dense_layer", "arch"))
+        elif self.arch not in VIT_ARCHS and layer == "tokens":
+            raise ConfigError("{dense_layer} tokens is for DINO's ViTs; {arch} %s has layer2, layer3, layer4"
+                              % self.arch, ("dense_layer", "arch"))
+        elif self.arch not in VIT_ARCHS and not self.arch.startswith(RESNET_FAMILIES):
+            raise ConfigError("{dense_layer} needs a backbone with stages layer2..layer4 (%s) or a ViT; {arch} %s "
+                              "has none" % (", ".join(RESNET_FAMILIES), self.arch), ("dense_layer", "arch"))
 
     @property
     def is_vit(self) -> bool:

@@ -98,7 +98,8 @@ class Trainer:
                 detector=DetectorConfig(metric=cfg.metric, percentile=cfg.ood_percentile,
                                         online=cfg.threshold_mode == "online"),
                 source=cfg.detector, embed_dim=embed_dim, frozen_weights=cfg.detector_weights,
-                masks=self.files.masks, images=self.files.images, amp=self.amp, store=cfg.replay_store)
+                masks=self.files.masks, images=self.files.images, amp=self.amp, store=cfg.replay_store,
+                dense_layer=cfg.dense_layer, arch=cfg.arch)
         else:
             self._staging = [torch.zeros(self.B, 3, s, s, dtype=dtype, device=self.device)
                              for s in [cfg.global_size] * 2 + [cfg.local_size] * cfg.local_crops_number]

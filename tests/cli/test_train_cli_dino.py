@@ -124,6 +124,8 @@ def test_dinos_readme_resnet50_command_builds_a_run(monkeypatch, tmp_path):
     (["--detector", "frozen", "--detector_weights", "-"], "detector_weights", "-"),
     ([], "replay_store", "crops"), (["--replay-store", "ids"], "replay_store", "ids"),
     (["--replay_store", "ids", "--aug", "torch"], "replay_store", "ids"),
+    ([], "dense_layer", None), (["--dense-layer", "layer3"], "dense_layer", "layer3"),
+    (["--dense_layer", "tokens", "--arch", "vit_small"], "dense_layer", "tokens"),
 ])
 def test_dino_flags_and_underscore_spellings_reach_the_config(record, tmp_path, args, field, value):
     if field == "pretrained_weights" or field == "detector_weights":  # an existing, valid checkpoint file
@@ -168,6 +170,10 @@ def test_dinos_launcher_flags_are_accepted_and_a_consistent_local_rank_ignored(r
     (["--global_crops_scale", "0.5", "0.2"], ["--global_crops_scale must be (low, high)"]),
     (["--replay-store", "pixels"], ["--replay-store", "'pixels'", "crops", "ids"]),
     (["--replay_store", "ids", "--aug", "paper"], ["--replay_store ids needs --aug dali or torch"]),
+    (["--dense-layer", "layer5"], ["--dense-layer", "'layer5'", "layer3", "tokens"]),
+    (["--dense_layer", "layer3", "--arch", "vit_small"], ["--dense_layer layer3", "use --dense_layer tokens"]),
+    (["--dense-layer", "tokens"], ["--dense-layer tokens is for DINO's ViTs", "--arch resnet"]),
+    (["--dense-layer", "layer3", "--replay", "random"], ["--dense-layer scores feature maps for --replay ood"]),
 ])
 def test_contradictions_and_bad_values_are_one_line_errors_in_the_spelling_typed(record, tmp_path, args, words):
     one_line_error(invoke(*args, "--output_dir", str(tmp_path / "out")), *words)
