@@ -126,11 +126,60 @@ def spellings(*flags: str) -> list[str]:
 
 class SpellingCommand(click.Command):
     """A command that remembers its raw arguments (``ctx.meta["argv"]``), so an error can name an option
-    by the spelling the user typed (:func:`typed_flag`)."""
+    by the spelling the user typed (:func:`typed_flag`). Options named in ``pair_options`` take one or
+    two integers (``--global_size 224`` or ``--global_size 512 1024``; click's options take a fixed
+    number): a second integer is joined to the first as ``512,1024`` before click parses them, which
+    is unambiguous for a command without positional arguments."""
+
+    pair_options: tuple[str, ...] = ()
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         ctx.meta["argv"] = list(args)
-        return super().parse_args(ctx, args)
+        return super().parse_args(ctx, join_pairs(list(args), self.pair_options))
+
+
+def join_pairs(args: list[str], options: tuple[str, ...]) -> list[str]:
+    """``args`` with ``OPT A B`` (and ``OPT=A B``) read as ``OPT A,B`` for each option of ``options``
+    followed by two integers; everything after ``--`` is left as it is."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token == "--":
+            return out + args[i:]
+        opt, eq, value = token.partition("=")
+        if opt in options and eq and i + 1 < len(args) and value.isdigit() and args[i + 1].isdigit():
+            out.append(f"{token},{args[i + 1]}")
+            i += 2
+        elif opt in options and not eq and i + 2 < len(args) and args[i + 1].isdigit() and args[i + 2].isdigit():
+            out += [token, f"{args[i + 1]},{args[i + 2]}"]
+            i += 3
+        else:
+            out.append(token)
+            i += 1
+    return out
+
+
+class CropSize(click.ParamType):
+    """A crop size in pixels: ``H`` (a square) or ``H W`` (height, width; joined to ``H,W`` by
+    :func:`join_pairs`). Converts to an int or an (h, w) tuple; the range is checked by the caller."""
+
+    name = "H [W]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, tuple)):
+            return value
+        try:
+            sizes = tuple(int(v) for v in str(value).split(","))
+        except ValueError:
+            sizes = ()
+        if len(sizes) not in (1, 2):
+            self.fail(f"{value!r} is not a crop size: give H (a square) or H W (height, width) in pixels, "
+                      "e.g. 224 or 512 1024", param, ctx)
+        return sizes[0] if len(sizes) == 1 else sizes
+
+
+CROP_SIZE = CropSize()
 
 
 def typed_flag(ctx: click.Context | None, opts: list[str]) -> str:

@@ -17,8 +17,8 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from oodfast.cli._options import (BOOL_FLAG, DEVICE, SpellingCommand, check_report_paths, report_options, spellings,
-                                  typed_flag)
+from oodfast.cli._options import (BOOL_FLAG, CROP_SIZE, DEVICE, SpellingCommand, check_report_paths, report_options,
+                                  spellings, typed_flag)
 from oodfast.cli.data import DATA_KINDS, parse_size
 from oodfast.train.config import CROP_RECIPES, DENSE_LAYERS, OPTIMIZERS, ConfigError, check_field
 
@@ -72,8 +72,9 @@ DINO_OPTIONS: list[tuple[tuple[str, ...], str, Any, str]] = [
     (spellings("--dense-layer"), "dense_layer", click.Choice(DENSE_LAYERS),
      "Dense rarity: score every position of this feature map (layer2 | layer3 | layer4 of a ResNet, tokens of a "
      "ViT) and flag an image whose most rare position is rare (default: pooled embeddings, the paper's)."),
-    (spellings("--global-size"), "global_size", int, "Global crop size in pixels (224)."),
-    (spellings("--local-size"), "local_size", int, "Local crop size in pixels (96)."),
+    (spellings("--global-size"), "global_size", CROP_SIZE, "Global crop size in pixels: H (a square; 224) or H W "
+                                                           "(height, width), e.g. 512 1024."),
+    (spellings("--local-size"), "local_size", CROP_SIZE, "Local crop size in pixels: H (96) or H W, e.g. 224 448."),
     (spellings("--epoch-length"), "epoch_length", int, "Images per epoch (default: the dataset)."),
     (spellings("--max-steps"), "max_steps", int, "Stop after this many steps (smoke tests)."),
 ]
@@ -88,6 +89,7 @@ FLAGS: dict[str, str] = {name: flags[0] for flags, name, _, _ in DINO_OPTIONS} |
     "threshold_mode": "--threshold", "replay": "--replay", "replay_store": "--replay-store", "data": "--data",
     "data_root": "--data-root",
     "global_crops_scale": "--global_crops_scale", "local_crops_scale": "--local_crops_scale",
+    "crop_ratio": "--crop-ratio",
 }
 
 
@@ -121,7 +123,10 @@ def _dino_options(fn):
     for name, help_text in reversed(SCALE_OPTIONS.items()):
         fn = click.option(f"--{name}", name, type=float, nargs=2, default=None, help=help_text,
                           callback=lambda _c, _p, v: tuple(v) if v else None)(fn)
-    return fn
+    return click.option(*spellings("--crop-ratio"), "crop_ratio", type=float, nargs=2, default=None,
+                        callback=lambda _c, _p, v: tuple(v) if v else None,
+                        help="Crop aspect-ratio range, width / height, of every view (DINO 0.75 1.33; --preset "
+                             "paper-code 1.5 2.5).")(fn)
 
 
 def _data_source(ctx: click.Context, data: str, data_root: Path | None, data_path: Path | None) -> tuple[str, Path | None]:
@@ -161,7 +166,13 @@ def _launcher(ctx: click.Context, dist_url: str | None, local_rank: int | None) 
         os.environ["LOCAL_RANK"] = str(local_rank)
 
 
-@click.command(cls=SpellingCommand)
+class TrainCommand(SpellingCommand):
+    """``oodfast train``'s command: the crop sizes take H or H W."""
+
+    pair_options = tuple(spellings("--global-size", "--local-size"))
+
+
+@click.command(cls=TrainCommand)
 @click.option("--data", "data", type=DATA_KINDS, default="synthetic", show_default=True,
               help="Dataset layout; synthetic (synthdrive) is generated on first use.")
 @click.option(*spellings("--data-root"), "data_root", type=click.Path(path_type=Path), default=None,
@@ -173,8 +184,9 @@ def _launcher(ctx: click.Context, dist_url: str | None, local_rank: int | None) 
 @click.option(*spellings("--synthetic-size"), "synthetic_size", default=None,
               callback=lambda c, p, v: parse_size(c, p, v) if v else None,
               help="--data synthetic: frame size WxH (default 640x360).")
-@click.option("--preset", type=click.Choice(["auto", "paper", "cpu"]), default="auto", show_default=True,
-              help="auto: the paper's recipe on a GPU, a small resnet18 run on a CPU.")
+@click.option("--preset", type=click.Choice(["auto", "paper", "paper-code", "cpu"]), default="auto", show_default=True,
+              help="auto: the paper's recipe on a GPU, a small resnet18 run on a CPU; paper-code: the paper's recipe "
+                   "with its code's BDD100K crops (512 x 1024 global, 224 x 448 local, aspect ratio 1.5-2.5).")
 @click.option("--aug", type=click.Choice(["dali", "paper", "torch", "reference"]), default=None,
               help="Multi-crop backend: DALI (default), the paper's PIL path (also spelled reference), "
                    "or torchvision on the device.")

@@ -30,6 +30,16 @@ from oodfast.kernels.ring_copy import ring_copy
 
 #: One resolution group: (number of views, crop shape), e.g. (2, (3, 224, 224)).
 Group = tuple[int, tuple[int, ...]]
+#: A crop size: an int (square) or (height, width), e.g. (512, 1024).
+Size = int | Sequence[int]
+
+
+def hw(size: Size) -> tuple[int, int]:
+    """``size`` as (height, width): an int is a square; a pair is (height, width)."""
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
 
 
 class RareRing(nn.Module):
@@ -66,12 +76,13 @@ class RareRing(nn.Module):
         self.register_buffer("scratch", torch.zeros(2, dtype=torch.int32, device=device), persistent=False)
 
     @classmethod
-    def for_multicrop(cls, capacity: int = 32, *, n_global: int = 2, global_size: int = 224, local_crops_number: int = 6,
-                      local_size: int = 96, channels: int = 3, **kwargs) -> RareRing:
-        """A ring for DINO's multi-crop: ``n_global`` views at ``global_size``, ``local_crops_number`` at ``local_size``."""
-        groups: list[Group] = [(n_global, (channels, global_size, global_size))]
+    def for_multicrop(cls, capacity: int = 32, *, n_global: int = 2, global_size: Size = 224, local_crops_number: int = 6,
+                      local_size: Size = 96, channels: int = 3, **kwargs) -> RareRing:
+        """A ring for DINO's multi-crop: ``n_global`` views at ``global_size``, ``local_crops_number`` at
+        ``local_size`` (each an int, square, or (height, width): crops are [3, height, width])."""
+        groups: list[Group] = [(n_global, (channels, *hw(global_size)))]
         if local_crops_number:
-            groups.append((local_crops_number, (channels, local_size, local_size)))
+            groups.append((local_crops_number, (channels, *hw(local_size))))
         return cls(capacity, groups, **kwargs)
 
     # ---- views of the storage ----------------------------------------------------------------

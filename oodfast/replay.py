@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from oodfast.buffer import RareRing
+from oodfast.buffer import RareRing, Size
 from oodfast.data.crops import DEFAULT_RARE_TAU, rare_shares, read_mask
 from oodfast.dense import DenseRareDetector, position_view
 from oodfast.detect import DetectorConfig, OracleDetector, RandomDetector, RareDetector, ScoreDetector
@@ -239,7 +239,7 @@ class Replay:
 
     Persistent tensors, written in place every step: ``ids`` int64 [B] (the staged images' dataset
     positions), ``step`` 0-d int64 (stored with each enqueued image), ``scores`` fp32 [B], ``slots``
-    int32 [B], ``clean`` [B, 3, G, G] (the staged images' clean views; None for the random and oracle
+    int32 [B], ``clean`` [B, 3, H, W] (the staged images' clean views; None for the random and oracle
     modes, which embed nothing). ``host_ids``: the :class:`HostRingIds` of the ``ids`` store, else None.
     """
 
@@ -268,7 +268,7 @@ class Replay:
         self.primed = False  # the teacher's BatchNorm statistics hold values (see prime_norms)
 
     @classmethod
-    def build(cls, mode: str, *, capacity: int, batch_size: int, global_size: int, local_size: int,
+    def build(cls, mode: str, *, capacity: int, batch_size: int, global_size: Size, local_size: Size,
               local_crops_number: int, dtype: torch.dtype, device: torch.device, detector: DetectorConfig,
               source: str = "teacher", embed_dim: int, frozen_weights: str | None = None,
               masks: Sequence[Any] | None = None, images: Sequence[Any] | None = None, amp: Any = None,
@@ -278,7 +278,8 @@ class Replay:
         Args:
             mode: ``ood``, ``random`` or ``oracle`` (see the module docstring).
             capacity: C, images in the ring; batch_size: B, images staged per step.
-            global_size, local_size, local_crops_number: the crops (2 global views + the local ones).
+            global_size, local_size, local_crops_number: the crops (2 global views + the local ones;
+                a size is an int, square, or (height, width)).
             dtype, device: of the crops.
             detector: the metric, percentile and threshold mode (its ``rate`` also sets the random
                 and oracle modes' nominal flag rate).

@@ -74,3 +74,19 @@ def test_bad_construction_and_views_are_refused():
         ring.stage(views(5)[:2] + [torch.zeros(5, 3, 5, 5)] * 3)
     with pytest.raises(RuntimeError, match="tail mode"):
         RareRing(2, [(1, (2,))]).views()
+
+
+def test_rectangular_crops_are_stored_height_by_width():
+    from oodfast.buffer import hw
+
+    ring = RareRing.for_multicrop(2, global_size=(8, 16), local_crops_number=2, local_size=(4, 8), batch_size=3)
+    assert ring.groups == [(2, (3, 8, 16)), (2, (3, 4, 8))]
+    assert [tuple(s.shape) for s in ring.storage] == [(2, 5, 3, 8, 16), (2, 5, 3, 4, 8)]
+    rows = [torch.full((3, 3, 8, 16), 1.0), torch.full((3, 3, 8, 16), 2.0), torch.zeros(3, 3, 4, 8), torch.zeros(3, 3, 4, 8)]
+    ring.stage(rows)
+    ring.write(torch.tensor([1, -1, -1], dtype=torch.int32))
+    assert torch.equal(ring.ring_rows(0)[1, 1], torch.full((3, 8, 16), 2.0))
+    assert tuple(ring.state_dict()["crops0"].shape) == (2, 2, 3, 8, 16)
+    with pytest.raises(ValueError, match=r"shape \[3, 16, 8\], expected \[3, 8, 16\]"):
+        ring.stage([torch.zeros(3, 3, 16, 8)] * 2 + rows[2:])  # width x height: refused
+    assert hw(224) == (224, 224) and hw((512, 1024)) == (512, 1024) and hw([4, 8]) == (4, 8)

@@ -25,6 +25,7 @@ import torch
 
 from oodfast.fileio import atomic_path
 from oodfast.safeload import DINO_KEYS, CheckpointError, check_checkpoint_file, load_checkpoint  # noqa: F401 (re-exported)
+from oodfast.train.config import DINO_CROP_RATIO
 
 
 #: Settings that may change when a run is continued: where and how it runs, not what it trains.
@@ -36,7 +37,7 @@ RENAMED_CONFIG_KEYS = {"threshold": "threshold_mode"}
 
 #: Settings added since earlier checkpoints, with the value such a run had: a stored config without one
 #: ran with it (so resuming a pooled run with a dense detector is refused like any other change).
-ADDED_CONFIG_KEYS: dict[str, Any] = {"dense_layer": None}
+ADDED_CONFIG_KEYS: dict[str, Any] = {"dense_layer": None, "crop_ratio": list(DINO_CROP_RATIO)}
 
 
 class OutputDirError(OSError):

@@ -17,7 +17,7 @@ import dataclasses
 import math
 import numbers
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,8 @@ OPTIMIZERS = ("adamw", "sgd", "lars")
 CROP_RECIPES = ("dino", "paper")
 #: Each recipe's default crop scales, used where ``global_crops_scale`` / ``local_crops_scale`` are not given.
 CROP_SCALES = {"dino": ((0.4, 1.0), (0.05, 0.4)), "paper": ((0.3, 1.0), (0.1, 0.3))}
+#: The crops of the paper's code on BDD100K (its main_dino.py's DataAugmentationDINO): the ``paper-code`` preset.
+PAPER_CODE_CROPS: dict[str, Any] = dict(global_size=(512, 1024), local_size=(224, 448), crop_ratio=(1.5, 2.5))
 #: DINO's ViTs (oodfast.vit.VIT_ARCHS; named here so that this module stays free of torch) and the
 #: patch sizes of DINO's released ViTs.
 VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")
@@ -108,6 +110,16 @@ def _num(x: float | None) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
+def _multiples(side: int, p: int, paired: bool) -> str:
+    """The multiples of ``p`` nearest ``side`` (a ViT's crop side), e.g. "96 or 112"."""
+    low, high = side // p * p, (side // p + 1) * p
+    if not side % p:
+        return str(side)
+    if low < p:
+        return str(high)
+    return f"({low} or {high})" if paired else f"{low} or {high}"
+
+
 def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -150,10 +162,35 @@ FIELD_RANGES: dict[str, Range] = {
 }
 
 
+#: Crop sizes: an int (square) or [height, width], each side in the field's range.
+SIZE_FIELDS = ("global_size", "local_size")
+#: DINO's RandomResizedCrop aspect-ratio range (width / height), the ``crop_ratio`` default.
+DINO_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def crop_size(value: Any) -> Any:
+    """A crop size in its stored form: an int, or a (height, width) tuple when the sides differ (a square
+    pair is its int); anything else is returned as it is, for :func:`check_field` to refuse."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value):
+        h, w = (int(v) for v in value)
+        return h if h == w else (h, w)
+    return value
+
+
 def check_field(name: str, value: Any) -> None:
-    """Raise :class:`ConfigError` unless ``value`` is in ``FIELD_RANGES[name]`` (no-op for other fields)."""
+    """Raise :class:`ConfigError` unless ``value`` is in ``FIELD_RANGES[name]`` (no-op for other fields);
+    a crop size (:data:`SIZE_FIELDS`) may also be a [height, width] pair of such values."""
     spec = FIELD_RANGES.get(name)
-    if spec is not None and not spec.accepts(value):
+    if spec is None:
+        return
+    if name in SIZE_FIELDS and not isinstance(value, numbers.Integral):
+        sides = crop_size(value)
+        if not (isinstance(sides, tuple) and all(spec.accepts(v) for v in sides)) and not spec.accepts(sides):
+            raise ConfigError("{%s} must be %s or [height, width] of them, got {value!r}" % (name, spec.describe()),
+                              (name,), value=value)
+        return
+    if not spec.accepts(value):
         raise ConfigError("{%s} must be %s, got {value!r}" % (name, spec.describe()), (name,), value=value)
 
 
@@ -170,8 +207,10 @@ class TrainConfig:
     ``out_dim``, ``norm_last_layer``, ``use_bn_in_head``; ``pretrained_weights`` / ``checkpoint_key``:
     start student and teacher from released weights (DINO's loading rule; not a resume).
     Crops: ``crops`` (dino | paper: the recipe, :data:`CROP_RECIPES`), ``global_size``, ``local_size``
-    (multiples of a ViT's patch), ``global_crops_scale``, ``local_crops_scale`` (default: the recipe's,
-    :data:`CROP_SCALES`), ``local_crops_number``.
+    (an int, square, or (height, width), e.g. (512, 1024); stored as an int or a [height, width] list;
+    multiples of a ViT's patch), ``crop_ratio`` (the RandomResizedCrop aspect-ratio range, width /
+    height: DINO's (3/4, 4/3); the paper's code 1.5-2.5), ``global_crops_scale``, ``local_crops_scale``
+    (default: the recipe's, :data:`CROP_SCALES`), ``local_crops_number``.
 
     Optimisation (DINO): ``optimizer`` (adamw | sgd | lars), ``batch_size_per_gpu``, ``epochs``, ``lr`` (scaled by batch / 256),
     ``min_lr``, ``warmup_epochs``, ``weight_decay`` -> ``weight_decay_end``, ``momentum_teacher``,
@@ -217,8 +256,9 @@ class TrainConfig:
     pretrained_weights: str | None = None
     checkpoint_key: str = "teacher"
     crops: str = "dino"
-    global_size: int = 224
-    local_size: int = 96
+    global_size: int | Sequence[int] = 224  # or (height, width)
+    local_size: int | Sequence[int] = 96
+    crop_ratio: tuple[float, float] = DINO_CROP_RATIO
     global_crops_scale: tuple[float, float] | None = None  # None: the recipe's (CROP_SCALES)
     local_crops_scale: tuple[float, float] | None = None
     local_crops_number: int = 6
@@ -270,8 +310,17 @@ class TrainConfig:
             object.__setattr__(self, "aug", AUG_ALIASES[self.aug])
         if isinstance(self.arch, str) and self.arch.startswith("deit_"):  # DINO: "DeiT-S" is ViT-S
             object.__setattr__(self, "arch", "vit_" + self.arch.removeprefix("deit_"))
+        for name in SIZE_FIELDS:
+            object.__setattr__(self, name, crop_size(getattr(self, name)))
         for name in FIELD_RANGES:
             check_field(name, getattr(self, name))
+        ratio = self.crop_ratio
+        if isinstance(ratio, list):  # a stored config's form
+            object.__setattr__(self, "crop_ratio", ratio := tuple(ratio))
+        if not (isinstance(ratio, tuple) and len(ratio) == 2 and all(_is_real(v) and math.isfinite(v) for v in ratio)
+                and 0 < ratio[0] <= ratio[1]):
+            raise ConfigError("{crop_ratio} must be (low, high) aspect ratios (width / height) with 0 < low <= high, "
+                              "got {value!r}", ("crop_ratio",), value=ratio)
         choices = {"replay": REPLAY_MODES, "detector": DETECTOR_MODES, "threshold_mode": THRESHOLD_MODES,
                    "aug": AUG_BACKENDS, "metric": METRICS, "optimizer": OPTIMIZERS, "crops": CROP_RECIPES,
                    "replay_store": REPLAY_STORES}
@@ -313,13 +362,14 @@ class TrainConfig:
         if self.patch_size not in PATCH_SIZES:
             raise ConfigError("{patch_size} must be 8 or 16 for {arch} (DINO's ViTs), got {value}",
                               ("patch_size", "arch"), value=self.patch_size)
-        for name in ("global_size", "local_size"):
+        for name in SIZE_FIELDS:
             size, p = getattr(self, name), self.patch_size
-            if size % p:
-                low, high = max(p, size // p * p), (size // p + 1) * p
-                raise ConfigError("{%s} (%d) must be a multiple of {patch_size} (%d) for %s: use %s"
-                                  % (name, size, p, self.arch, f"{low} or {high}" if low != high else high),
-                                  (name, "patch_size"))
+            sides = (size,) if isinstance(size, int) else size
+            if any(side % p for side in sides):
+                fits = [_multiples(side, p, len(sides) > 1) for side in sides]
+                raise ConfigError("{%s} (%s) must be %s of {patch_size} (%d) for %s: use %s"
+                                  % (name, " x ".join(map(str, sides)), "a multiple" if len(sides) == 1 else "multiples",
+                                     p, self.arch, " x ".join(fits)), (name, "patch_size"))
 
     def _check_dense(self) -> None:
         """A dense layer is one of :data:`DENSE_LAYERS`, for the ood replay, and fits the scoring
@@ -359,7 +409,7 @@ class TrainConfig:
         from oodfast.data.multicrop.config import MultiCropConfig
 
         recipe = MultiCropConfig.bdd10k if self.crops == "paper" else MultiCropConfig.dino
-        return recipe(global_size=self.global_size, local_size=self.local_size,
+        return recipe(global_size=self.global_size, local_size=self.local_size, ratio=tuple(self.crop_ratio),
                       global_scale=tuple(self.global_crops_scale), local_scale=tuple(self.local_crops_scale),
                       local_crops_number=self.local_crops_number, dtype=dtype)
 
@@ -371,6 +421,13 @@ class TrainConfig:
     def paper(cls, **overrides: Any) -> TrainConfig:
         """The paper's recipe on a GPU (ResNet-50, 2 x 224 + 6 x 96, AdamW 5e-4, buffer 32, 100 epochs)."""
         return cls(**overrides)
+
+    @classmethod
+    def paper_code(cls, **overrides: Any) -> TrainConfig:
+        """The paper's recipe with its code's BDD100K crops (``DataAugmentationDINO`` in its
+        ``main_dino.py``): rectangular global crops of 512 x 1024 (height x width) and local crops of
+        224 x 448, aspect ratio 1.5-2.5 (width / height), DINO's photometric recipe and scales."""
+        return cls(**{**PAPER_CODE_CROPS, **overrides})
 
     @classmethod
     def cpu(cls, **overrides: Any) -> TrainConfig:
@@ -389,7 +446,7 @@ class TrainConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
-PRESETS = {"paper": TrainConfig.paper, "cpu": TrainConfig.cpu}
+PRESETS = {"paper": TrainConfig.paper, "paper-code": TrainConfig.paper_code, "cpu": TrainConfig.cpu}
 
 
 def preset_for(device: str) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from oodfast.buffer import RareRing
+from oodfast.buffer import RareRing, hw
 from oodfast.data.discover import discover
 from oodfast.data.multicrop import multicrop_loader
 from oodfast.detect import DetectorConfig
@@ -101,7 +101,7 @@ class Trainer:
                 masks=self.files.masks, images=self.files.images, amp=self.amp, store=cfg.replay_store,
                 dense_layer=cfg.dense_layer, arch=cfg.arch)
         else:
-            self._staging = [torch.zeros(self.B, 3, s, s, dtype=dtype, device=self.device)
+            self._staging = [torch.zeros(self.B, 3, *hw(s), dtype=dtype, device=self.device)
                              for s in [cfg.global_size] * 2 + [cfg.local_size] * cfg.local_crops_number]
         self.loader = self._loader(self.files, cfg.seed, cfg.epoch_length, zero_copy=True,  # ids store: B + C rows
                                    replay_ids=getattr(self.replay, "host_ids", None))

@@ -125,6 +125,12 @@ def test_dinos_readme_resnet50_command_builds_a_run(monkeypatch, tmp_path):
     ([], "replay_store", "crops"), (["--replay-store", "ids"], "replay_store", "ids"),
     (["--replay_store", "ids", "--aug", "torch"], "replay_store", "ids"),
     ([], "dense_layer", None), (["--dense-layer", "layer3"], "dense_layer", "layer3"),
+    (["--global_size", "512", "1024"], "global_size", (512, 1024)), (["--global-size", "224"], "global_size", 224),
+    (["--global-size=64", "128", "--local_size", "32", "64"], "local_size", (32, 64)),
+    (["--global_size", "96", "96"], "global_size", 96), (["--crop-ratio", "1.5", "2.5"], "crop_ratio", (1.5, 2.5)),
+    (["--preset", "paper-code"], "global_size", (512, 1024)), (["--preset", "paper-code"], "local_size", (224, 448)),
+    (["--preset", "paper-code"], "crop_ratio", (1.5, 2.5)), (["--preset", "paper-code"], "arch", "resnet50"),
+    (["--preset", "paper-code", "--global_size", "256", "512"], "global_size", (256, 512)),
     (["--dense_layer", "tokens", "--arch", "vit_small"], "dense_layer", "tokens"),
 ])
 def test_dino_flags_and_underscore_spellings_reach_the_config(record, tmp_path, args, field, value):
@@ -171,6 +177,12 @@ def test_dinos_launcher_flags_are_accepted_and_a_consistent_local_rank_ignored(r
     (["--replay-store", "pixels"], ["--replay-store", "'pixels'", "crops", "ids"]),
     (["--replay_store", "ids", "--aug", "paper"], ["--replay_store ids needs --aug dali or torch"]),
     (["--dense-layer", "layer5"], ["--dense-layer", "'layer5'", "layer3", "tokens"]),
+    (["--global_size", "4", "64"], ["--global_size must be an integer >= 8 or [height, width] of them"]),
+    (["--local-size", "abc"], ["--local-size", "'abc' is not a crop size", "512 1024"]),
+    (["--global_size", "512", "1024", "3"], ["unexpected extra argument (3)"]),
+    (["--crop_ratio", "2", "1"], ["--crop_ratio must be (low, high) aspect ratios"]),
+    (["--arch", "vit_small", "--global_size", "100", "224"], ["--global_size (100 x 224) must be multiples of "
+                                                              "--patch_size (16)", "use (96 or 112) x 224"]),
     (["--dense_layer", "layer3", "--arch", "vit_small"], ["--dense_layer layer3", "use --dense_layer tokens"]),
     (["--dense-layer", "tokens"], ["--dense-layer tokens is for DINO's ViTs", "--arch resnet"]),
     (["--dense-layer", "layer3", "--replay", "random"], ["--dense-layer scores feature maps for --replay ood"]),
