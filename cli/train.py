@@ -191,7 +191,7 @@ class TrainCommand(SpellingCommand):
               help="Multi-crop backend: DALI (default), the paper's PIL path (also spelled reference), "
                    "or torchvision on the device.")
 @click.option("--detector", type=click.Choice(["teacher", "frozen"]), default=None,
-              help="teacher: reuse the teacher's embedding of the global crops (no extra forward); "
+              help="teacher: the teacher backbone in eval mode on each image's clean view (one extra forward of B rows); "
                    "frozen: a separate frozen ResNet-50 from --detector-weights (the paper).")
 @click.option(*spellings("--detector-weights"), "detector_weights", type=click.Path(dir_okay=False), default=None,
               help="ResNet-50 state dict (e.g. dino_resnet50_pretrain.pth) or a DINO checkpoint, for --detector frozen.")

@@ -221,7 +221,7 @@ class TrainConfig:
     randomly chosen images, the ablation that separates detection from replay; oracle = images whose
     global crops truly hold rare-class pixels, read from the masks: the upper bound of detection;
     none = plain DINO),
-    ``buffer_size`` (C), ``detector`` (teacher = reuse the teacher's embedding of the global crops;
+    ``buffer_size`` (C), ``detector`` (teacher = the teacher backbone, in eval mode, on each image's clean view;
     frozen = a separate frozen encoder from ``detector_weights``), ``metric``, ``calib_size`` /
     ``calib_frac``, ``ood_percentile`` (the calibration scores' percentile the threshold is set at),
     ``threshold_mode`` (fixed | online: the threshold then adapts to hold the calibrated flag rate;
