@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from oodfast.buffer import RareRing
 from oodfast.detect import DetectorConfig, RareDetector

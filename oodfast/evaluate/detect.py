@@ -39,7 +39,7 @@ from oodfast.data.classes import CLASS_NAMES, RARE_CLASS_IDS
 from oodfast.data.crops import DEFAULT_RARE_TAU
 from oodfast.data.discover import DatasetFiles
 from oodfast.evaluate.crop_pass import CropLabels, global_crop_batches, join_labels
-from oodfast.evaluate.detectors import DENSE_DETECTORS, DETECTORS, POOLED_DETECTORS, calibrate, is_dense, score_split
+from oodfast.evaluate.detectors import DENSE_DETECTORS, DETECTORS, POOLED_DETECTORS, calibrate, score_split
 from oodfast.evaluate.features import check_patch_multiple
 from oodfast.evaluate.metrics import (
     COUNT_METRICS,
