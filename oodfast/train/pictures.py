@@ -76,11 +76,16 @@ def draw_buffer(ring: RareRing, path: str | os.PathLike[str], *, mean: Sequence[
     for sid, score, step in zip(ids, scores, steps):
         head = f"score {score:.3g}" if score == score else "random pick"
         where = f"step {step}" if step >= 0 else "warm-up"
-        name = Path(str(images[sid])).stem[-20:] if 0 <= sid < len(images) else "?"
+        name = _short(Path(str(images[sid])).stem) if 0 <= sid < len(images) else "?"
         rare = rare_classes_of(masks[sid]) if masks is not None and 0 <= sid < len(masks) else ""
         captions.append("\n".join(x for x in (f"{head}, {where}", name, rare) if x))
     return contact_sheet(denormalize(crops, mean, std), captions, path,
                          title=title or f"buffer: {count} of {ring.capacity} images, oldest first")
+
+
+def _short(stem: str, keep: int = 24) -> str:
+    """A file name for a caption: whole when short, else its end behind ".." (the end tells frames apart)."""
+    return stem if len(stem) <= keep else ".." + stem[-(keep - 2):]
 
 
 def draw_run_curves(log_path: str | os.PathLike[str], path: str | os.PathLike[str], *, title: str = "") -> Path:
