@@ -399,7 +399,8 @@ class Replay:
 
     def add_(self, emb: torch.Tensor, *, skipped: torch.Tensor | None = None,
              detector: RareDetector | ScoreDetector | None = None) -> None:
-        """Score the staged images' embeddings ``emb`` [2, B, D], enqueue the flagged ones and copy all
+        """Score the staged images' detector input ``emb`` (:meth:`step_input`: [B, D] pooled, [P, B, D]
+        dense), enqueue the flagged ones and copy all
         their crops into the ring; no host synchronisation.
 
         Args:

@@ -325,7 +325,8 @@ class DINO:
                    center: torch.Tensor) -> None:
         """EMA teacher, loss centre, then the replay scores the staged images (``scored``: the detector's
         input, :meth:`Replay.step_input`) and the rare ones enter the ring. On a skipped step
-        (``skipped``, 0-d bool) none of it changes anything: the momentum is 1, the centre stays, the BatchNorm running statistics are put back, and so are the ring and the
+        (``skipped``, 0-d bool) none of it changes anything: the momentum is 1, the centre stays, the
+        BatchNorm running statistics are put back, and so are the ring and the
         detector (:meth:`Replay.add_`)."""
         with torch.no_grad():
             ema_update_(list(self.teacher.parameters()), list(self.student.parameters()),
