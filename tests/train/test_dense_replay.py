@@ -15,7 +15,9 @@ from oodfast.encoders import dense_dim
 from oodfast.train.checkpoint import check_same_run, load_checkpoint
 from oodfast.train.config import ConfigError, TrainConfig
 from oodfast.train.trainer import Trainer
-from test_trainer import data_root, no_host_reads, tiny  # noqa: F401 - data_root is a fixture
+
+from _tiny import no_host_reads, tiny
+
 
 B, C = 4, 2  # tiny()'s batch and buffer; its 32 px clean view gives a 2 x 2 layer3 map (P = 4)
 

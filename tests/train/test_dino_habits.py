@@ -10,7 +10,6 @@ float16)`` with ``torch.amp.GradScaler("cpu")``) by making that function answer 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,25 +23,7 @@ from oodfast.train.optim import LARS, SGD
 from oodfast.train.trainer import Trainer
 from oodfast.vit import build_vit
 
-SPEC = dict(num_images=64, seed=0, width=128, height=72)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from oodfast.data.synthdrive import ensure_synthdrive
-
-    root = tmp_path_factory.mktemp("synth")
-    ensure_synthdrive(root, progress=False, **SPEC)
-    return str(root)
-
-
-def tiny(data_root: str, out: Path, **overrides) -> TrainConfig:
-    """The cpu preset at test size (as tests/train/test_trainer.py builds it)."""
-    base = dict(data="synthetic", data_root=data_root, synthetic_spec=SPEC, arch="resnet18", out_dim=64,
-                global_size=32, local_size=16, local_crops_number=2, batch_size_per_gpu=4, epochs=2,
-                epoch_length=16, buffer_size=2, calib_size=8, compile=False, log_every=1, output_dir=str(out),
-                num_workers=1, deterministic=True)
-    return TrainConfig.cpu(**{**base, **overrides})
+from _tiny import tiny
 
 
 # ---- --use_fp16: the precision choice --------------------------------------------------------------

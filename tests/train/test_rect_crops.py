@@ -11,7 +11,9 @@ import torch._dynamo
 from oodfast.train.checkpoint import load_checkpoint
 from oodfast.train.config import PRESETS, ConfigError, TrainConfig
 from oodfast.train.trainer import Trainer
-from test_trainer import data_root, tiny  # noqa: F401 - data_root is a fixture
+
+from _tiny import tiny
+
 
 B, C = 4, 2  # tiny()'s batch and buffer
 RECT = dict(global_size=(32, 64), local_size=(16, 32), crop_ratio=(1.5, 2.5))

@@ -10,7 +10,9 @@ import torch._dynamo
 
 from oodfast.bench.stages import prepared_trainer as staged  # calibrated, warmed up, one batch staged
 from oodfast.train.trainer import Trainer
-from test_trainer import data_root, tiny  # noqa: F401 - data_root is a fixture
+
+from _tiny import tiny
+
 
 B, C = 4, 2  # tiny()'s batch and buffer
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pickle
 from pathlib import Path
@@ -19,45 +18,7 @@ from oodfast.train.config import TrainConfig
 from oodfast.train.runtime import StopSignals, resolve_device
 from oodfast.train.trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
-SPEC = dict(num_images=64, seed=0, width=128, height=72)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("synth")
-    from oodfast.data.synthdrive import ensure_synthdrive
-
-    ensure_synthdrive(root, progress=False, **SPEC)
-    return str(root)
-
-
-def tiny(data_root: str, out: Path, **overrides) -> TrainConfig:
-    base = dict(data="synthetic", data_root=data_root, synthetic_spec=SPEC, arch="resnet18", out_dim=64,
-                global_size=32, local_size=16, local_crops_number=2, batch_size_per_gpu=4, epochs=2,
-                epoch_length=16, buffer_size=2, calib_size=8, compile=False, log_every=1, output_dir=str(out),
-                num_workers=1, deterministic=True)
-    return TrainConfig.cpu(**{**base, **overrides})
-
-
-@contextlib.contextmanager
-def no_host_reads():
-    """Every Python-side read of a tensor's value (item, bool, float, int, tolist, numpy: on a GPU each
-    is a device synchronisation) raises while entered."""
-    names = ["item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy"]
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-
-    def refuse(name):
-        def read(self, *args, **kwargs):
-            raise AssertionError(f"a training step read a tensor on the host: Tensor.{name}")
-        return read
-
-    for n in names:
-        setattr(torch.Tensor, n, refuse(n))
-    try:
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
+from _tiny import no_host_reads, tiny
 
 
 def test_a_step_never_reads_a_tensor_on_the_host(data_root, tmp_path):
