@@ -147,7 +147,9 @@ class SGD(torch.optim.Optimizer):
             # lerp(buf, new, 1) is new and lerp(buf, new, 0) is buf, bit for bit; the list overload takes a
             # 0-d tensor without a host read (see oodfast.train.ema)
             torch._foreach_lerp_(bufs, new, [weight] * len(bufs))
-            torch._foreach_add_(params, torch._foreach_mul(bufs, weight * -group["lr"]))
+            # keep * buf is buf or 0 exactly; adding it with alpha = -lr is then torch.optim.SGD's own update
+            # (multiplying by a float32 keep * -lr instead rounds differently once add_ fuses its alpha)
+            torch._foreach_add_(params, torch._foreach_mul(bufs, weight), alpha=-group["lr"])
         return None
 
 
