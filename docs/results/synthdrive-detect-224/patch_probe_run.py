@@ -1,7 +1,7 @@
 """Is each rare class linearly readable where it is? The per-patch probe on synthdrive 224 px crops.
 
     python docs/results/synthdrive-detect-224/patch_probe_run.py [ENCODER] [LAYERS] [FRAMES]
-    (ENCODER: an oodfast/DINO checkpoint or 'random' (default); LAYERS layer3,layer2; FRAMES 600)
+    (ENCODER: an oodfast/DINO checkpoint or 'random' (default); LAYERS layer3,layer2; FRAMES 2400, the cached default)
 
 A synthdrive of FRAMES frames at 640x360 (its own train / val split), 224 px crops as positions.py makes
 them (the paper's BDD10K augmentation): one per train frame (at most 400) to fit, two per val frame to
@@ -27,7 +27,7 @@ from oodfast.encoders import build_backbone, load_encoder  # noqa: E402
 from oodfast.evaluate.patch_probe import patch_probe, patch_probe_markdown  # noqa: E402
 
 
-def main(source: str = "random", layers: str = "layer3,layer2", frames: str = "600") -> None:
+def main(source: str = "random", layers: str = "layer3,layer2", frames: str = "2400") -> None:
     t0 = time.time()
     spec = dict(num_images=int(frames), seed=0, width=640, height=360)
     train, val = discover("synthetic", None, "train", synthetic=spec), discover("synthetic", None, "val", synthetic=spec)
