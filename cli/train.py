@@ -200,9 +200,10 @@ class TrainCommand(SpellingCommand):
 @click.option("--threshold", "threshold_mode", type=click.Choice(["fixed", "online"]), default=None,
               help="online: adapt the threshold on the device to hold the calibrated flag rate.")
 @click.option(*spellings("--no-ood"), "no_ood", is_flag=True, help="Plain DINO: no buffer (ablation).")
-@click.option("--replay", type=click.Choice(["ood", "random", "oracle"]), default=None,
+@click.option("--replay", type=click.Choice(["ood", "random", "oracle", "oracle-matched"]), default=None,
               help="random: a buffer of randomly chosen images (replay without detection); oracle: images that "
-                   "truly hold rare objects, from the masks (the upper bound; needs BDD10K-layout masks).")
+                   "truly hold rare objects, from the masks (the upper bound; needs BDD10K-layout masks); "
+                   "oracle-matched: those images, flagged at the random arm's rate.")
 @click.option(*spellings("--replay-store"), "replay_store", type=click.Choice(["crops", "ids"]), default=None,
               help="crops (the paper's): replay the buffered images' stored crops as they are; ids: keep their "
                    "ids and re-decode and re-augment them every step (new crops; --aug dali or torch).")

@@ -398,13 +398,38 @@ class RandomDetector(ScoreDetector):
 
 class OracleDetector(ScoreDetector):
     """The upper bound: flags an image when the rare-pixel share of either global crop, read from the
-    masks, reaches ``tau``. The caller writes the shares of the staged batch into :attr:`shares`."""
+    masks, reaches ``tau``. The caller writes the shares of the staged batch into :attr:`shares`.
 
-    def __init__(self, batch_size: int, tau: float, rate: float, *, device: torch.device | str | None = None) -> None:
-        super().__init__(tau, rate, device=device)
+    ``matched=True`` holds the flag rate at ``rate`` (the random and OOD arms' rate) instead of the
+    data's prevalence, so the arms differ in which images enter the buffer and not in how fast it
+    turns over: each truly rare image is flagged with probability ``min(1, rate / prevalence)``,
+    ``prevalence`` a running mean of the batches' truly-rare share (the plain mean over the first 100
+    batches, then an exponential one). The score is ``1 - u * prevalence / rate`` (u uniform) for a
+    rare image and -1 otherwise, against the threshold 0; all on the device, no host read.
+    """
+
+    def __init__(self, batch_size: int, tau: float, rate: float, *, matched: bool = False,
+                 device: torch.device | str | None = None) -> None:
+        if matched and not 0.0 < rate < 1.0:
+            raise ValueError(f"rate must be in (0, 1) for the matched oracle, got {rate}")
         # share >= tau flags, the op compares score > threshold: nudge the threshold below tau.
-        self.threshold.copy_(torch.nextafter(self.threshold, torch.zeros_like(self.threshold)))
+        super().__init__(0.0 if matched else tau, rate, device=device)
+        if not matched:
+            self.threshold.copy_(torch.nextafter(self.threshold, torch.zeros_like(self.threshold)))
+        self.tau, self.rate, self.matched = float(tau), float(rate), matched
         self.register_buffer("shares", torch.zeros(batch_size, 1, device=device), persistent=False)
+        self.register_buffer("prevalence", torch.zeros((), device=device))
+        self.register_buffer("batches", torch.zeros((), device=device))
+
+    def adaptive_state(self) -> list[torch.Tensor]:
+        return super().adaptive_state() + [self.prevalence, self.batches]
 
     def scores_for(self, x: torch.Tensor) -> torch.Tensor:
-        return self.shares
+        if not self.matched:
+            return self.shares
+        rare = self.shares >= self.tau
+        with torch.no_grad():
+            self.batches.add_(1.0)
+            self.prevalence.lerp_(rare.float().mean(), torch.clamp(1.0 / self.batches, min=0.01))
+        u = torch.rand_like(self.shares)
+        return torch.where(rare, 1.0 - u * self.prevalence / self.rate, torch.full_like(self.shares, -1.0))

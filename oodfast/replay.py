@@ -9,7 +9,7 @@ teacher module) and never reaches into the trainer.
 Modes (``replay``): ``ood`` (a :class:`~oodfast.detect.RareDetector` fills the buffer), ``random``
 (:class:`~oodfast.detect.RandomDetector`: replay without detection) and ``oracle``
 (:class:`~oodfast.detect.OracleDetector`: images whose global crops hold rare-class pixels, read from
-the masks). The percentile is checked once, by :class:`~oodfast.detect.DetectorConfig`, and its flag
+the masks; ``oracle-matched`` flags them at the other modes' rate instead of the data's prevalence). The percentile is checked once, by :class:`~oodfast.detect.DetectorConfig`, and its flag
 rate (``DetectorConfig.rate``) is the one every mode uses.
 
 What the detector scores (:meth:`Replay.features`, the one place that chooses it): the CLEAN global
@@ -202,10 +202,11 @@ def build_detector(mode: str, config: DetectorConfig, *, batch_size: int, device
     features); the arguments are :meth:`Replay.build`'s."""
     if mode == "random":
         det: RareDetector | ScoreDetector = RandomDetector(config.rate, device=device)
-    elif mode == "oracle":
-        det = OracleDetector(batch_size, DEFAULT_RARE_TAU, config.rate, device=device)
+    elif mode in ("oracle", "oracle-matched"):
+        det = OracleDetector(batch_size, DEFAULT_RARE_TAU, config.rate, matched=mode == "oracle-matched",
+                             device=device)
     elif mode != "ood":
-        raise ValueError(f"replay mode must be ood, random or oracle, got {mode!r}")
+        raise ValueError(f"replay mode must be ood, random, oracle or oracle-matched, got {mode!r}")
     if mode != "ood":
         if dense_layer is not None:
             raise ValueError(f"dense_layer {dense_layer!r} (--dense-layer) scores feature maps for --replay ood; "

@@ -70,8 +70,10 @@ def test_modes_share_one_flag_rate_and_frozen_needs_weights():
     rand = Replay.build("random", **kw)
     assert isinstance(rand.detector, RandomDetector) and rand.detector.rate == pytest.approx(config.rate)
     oracle = Replay.build("oracle", **kw)
-    assert isinstance(oracle.detector, OracleDetector)
+    assert isinstance(oracle.detector, OracleDetector) and not oracle.detector.matched
     assert float(oracle.detector.flag_rate) == pytest.approx(config.rate)
+    matched = Replay.build("oracle-matched", **kw)
+    assert matched.detector.matched and matched.detector.rate == pytest.approx(config.rate)
     ood = Replay.build("ood", **kw)
     assert isinstance(ood.detector, RareDetector) and ood.follows_teacher and ood.needs_calibration
     with pytest.raises(ValueError, match="--detector-weights PATH") as info:
@@ -228,3 +230,26 @@ def test_dense_calibration_maps_are_capped_and_a_dense_layer_needs_the_ood_repla
         Replay.build("random", dense_layer="layer3", **kw)
     ood = Replay.build("ood", dense_layer="layer2", arch="resnet18", **kw)
     assert type(ood.detector).__name__ == "DenseRareDetector" and ood.detector.dim == 128
+
+
+@pytest.mark.parametrize("prevalence, rate", [(0.3, 0.05), (0.02, 0.05)])
+def test_the_matched_oracle_flags_only_rare_images_at_the_random_arms_rate(prevalence, rate):
+    """Above the rate, rare images are flagged with probability rate / prevalence (the buffer turns over
+    as in the random arm); below it, every rare image is (an oracle cannot flag more than exist)."""
+    torch.manual_seed(0)
+    tau, batch = 0.001, 256
+    det = OracleDetector(batch, tau, rate, matched=True)
+    flagged, rare_seen, total = 0, 0, 0
+    for step in range(300):
+        rare = torch.rand(batch, 1) < prevalence
+        det.shares.copy_(torch.where(rare, torch.rand(batch, 1) * 0.1 + tau, torch.rand(batch, 1) * tau * 0.99))
+        flags = det.scores_for(det.shares) > det.threshold
+        assert not (flags & ~rare).any(), "a common image was flagged"
+        if step >= 20:  # after the running prevalence has settled
+            flagged, rare_seen, total = flagged + int(flags.sum()), rare_seen + int(rare.sum()), total + batch
+    assert float(det.prevalence) == pytest.approx(prevalence, rel=0.1)
+    expected = min(rate, rare_seen / total)
+    assert flagged / total == pytest.approx(expected, rel=0.05)
+    unmatched = OracleDetector(batch, tau, rate)
+    unmatched.shares.copy_(det.shares)
+    assert torch.equal(unmatched.scores_for(det.shares) > unmatched.threshold, det.shares >= tau)

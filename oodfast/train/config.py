@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DETECTOR_MODES = ("teacher", "frozen")
-REPLAY_MODES = ("ood", "random", "oracle", "none")
+REPLAY_MODES = ("ood", "random", "oracle", "oracle-matched", "none")
 THRESHOLD_MODES = ("fixed", "online")
 #: What the ring keeps of an image (oodfast.replay.REPLAY_STORES): its crops (the paper's) or its id.
 REPLAY_STORES = ("crops", "ids")
@@ -220,7 +220,8 @@ class TrainConfig:
     OOD replay (the paper): ``replay`` (ood = the detector fills the buffer; random = a buffer of
     randomly chosen images, the ablation that separates detection from replay; oracle = images whose
     global crops truly hold rare-class pixels, read from the masks: the upper bound of detection;
-    none = plain DINO),
+    oracle-matched = those images flagged at the random arm's rate, 1 - ``ood_percentile``, so the
+    buffer turns over as fast as in the other arms; none = plain DINO),
     ``buffer_size`` (C), ``detector`` (teacher = the teacher backbone, in eval mode, on each image's clean view;
     frozen = a separate frozen encoder from ``detector_weights``), ``metric``, ``calib_size`` /
     ``calib_frac``, ``ood_percentile`` (the calibration scores' percentile the threshold is set at),

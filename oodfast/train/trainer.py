@@ -83,7 +83,7 @@ class Trainer:
 
         # ============ data ============
         self.files = discover(cfg.data, cfg.data_root, cfg.split, synthetic=cfg.synthetic_spec or None,
-                              require_masks=cfg.replay == "oracle")
+                              require_masks=cfg.replay.startswith("oracle"))
         self.crops = cfg.multicrop(dtype=self.precision.crop_dtype)  # the --crops recipe (DINO's or the paper's)
         self.B = cfg.batch_size_per_gpu
         # ============ model, replay buffer, step ============

@@ -542,16 +542,18 @@ def test_killed_run_resumes(data_root, tmp_path):
     assert load_checkpoint(out / "checkpoint.pth")["step"] == 12
 
 
-def test_oracle_replay_fills_the_buffer_with_truly_rare_images(data_root, tmp_path):
+@pytest.mark.parametrize("mode", ["oracle", "oracle-matched"])
+def test_oracle_replay_fills_the_buffer_with_truly_rare_images(data_root, tmp_path, mode):
     import numpy as np
     from PIL import Image
 
     from oodfast.data.classes import RARE_CLASS_IDS
     from oodfast.detect import OracleDetector
 
-    t = Trainer(tiny(data_root, tmp_path / "oracle", replay="oracle", max_steps=4), progress=False)
+    t = Trainer(tiny(data_root, tmp_path / "oracle", replay=mode, max_steps=4), progress=False)
     t.train()
     assert isinstance(t.replay.detector, OracleDetector) and t.ring.is_full()
+    assert t.replay.detector.matched == (mode == "oracle-matched")
     for i in t.ring.ring_ids.tolist():
         mask = np.asarray(Image.open(t.files.masks[i]))
         assert np.isin(mask, RARE_CLASS_IDS).any(), f"image {i} in the oracle buffer has no rare pixels"
