@@ -418,11 +418,13 @@ class OracleDetector(ScoreDetector):
             self.threshold.copy_(torch.nextafter(self.threshold, torch.zeros_like(self.threshold)))
         self.tau, self.rate, self.matched = float(tau), float(rate), matched
         self.register_buffer("shares", torch.zeros(batch_size, 1, device=device), persistent=False)
-        self.register_buffer("prevalence", torch.zeros((), device=device))
-        self.register_buffer("batches", torch.zeros((), device=device))
+        if matched:  # checkpointed with the run; the plain oracle's checkpoint keys stay as they were
+            self.register_buffer("prevalence", torch.zeros((), device=device))
+            self.register_buffer("batches", torch.zeros((), device=device))
 
     def adaptive_state(self) -> list[torch.Tensor]:
-        return super().adaptive_state() + [self.prevalence, self.batches]
+        extra = [self.prevalence, self.batches] if self.matched else []
+        return super().adaptive_state() + extra
 
     def scores_for(self, x: torch.Tensor) -> torch.Tensor:
         if not self.matched:

@@ -253,3 +253,7 @@ def test_the_matched_oracle_flags_only_rare_images_at_the_random_arms_rate(preva
     unmatched = OracleDetector(batch, tau, rate)
     unmatched.shares.copy_(det.shares)
     assert torch.equal(unmatched.scores_for(det.shares) > unmatched.threshold, det.shares >= tau)
+    assert set(unmatched.state_dict()) == {"threshold", "flag_rate"}  # an earlier oracle run's keys
+    resumed = OracleDetector(batch, tau, rate, matched=True)
+    resumed.load_state_dict(det.state_dict())
+    assert float(resumed.prevalence) == float(det.prevalence) and float(resumed.batches) == 300
