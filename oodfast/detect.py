@@ -412,9 +412,8 @@ class OracleDetector(ScoreDetector):
                  device: torch.device | str | None = None) -> None:
         if matched and not 0.0 < rate < 1.0:
             raise ValueError(f"rate must be in (0, 1) for the matched oracle, got {rate}")
-        # share >= tau flags, the op compares score > threshold: nudge the threshold below tau.
         super().__init__(0.0 if matched else tau, rate, device=device)
-        if not matched:
+        if not matched:  # share >= tau flags, the op compares score > threshold: nudge the threshold below tau
             self.threshold.copy_(torch.nextafter(self.threshold, torch.zeros_like(self.threshold)))
         self.tau, self.rate, self.matched = float(tau), float(rate), matched
         self.register_buffer("shares", torch.zeros(batch_size, 1, device=device), persistent=False)

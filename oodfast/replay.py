@@ -9,8 +9,9 @@ teacher module) and never reaches into the trainer.
 Modes (``replay``): ``ood`` (a :class:`~oodfast.detect.RareDetector` fills the buffer), ``random``
 (:class:`~oodfast.detect.RandomDetector`: replay without detection) and ``oracle``
 (:class:`~oodfast.detect.OracleDetector`: images whose global crops hold rare-class pixels, read from
-the masks; ``oracle-matched`` flags them at the other modes' rate instead of the data's prevalence). The percentile is checked once, by :class:`~oodfast.detect.DetectorConfig`, and its flag
-rate (``DetectorConfig.rate``) is the one every mode uses.
+the masks; ``oracle-matched`` flags them at the other modes' rate instead of the data's prevalence).
+The percentile is checked once, by :class:`~oodfast.detect.DetectorConfig`, and its flag rate
+(``DetectorConfig.rate``) is the one every mode uses.
 
 What the detector scores (:meth:`Replay.features`, the one place that chooses it): the CLEAN global
 view of each new image (the loader's ``clean_view``: the whole image resized to the global size, no
