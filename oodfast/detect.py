@@ -433,4 +433,4 @@ class OracleDetector(ScoreDetector):
             self.batches.add_(1.0)
             self.prevalence.lerp_(rare.float().mean(), torch.clamp(1.0 / self.batches, min=0.01))
         u = torch.rand_like(self.shares)
-        return torch.where(rare, 1.0 - u * self.prevalence / self.rate, torch.full_like(self.shares, -1.0))
+        return torch.where(rare, 1.0 - u * self.prevalence / self.rate, -1.0)
